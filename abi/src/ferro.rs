@@ -1,0 +1,131 @@
+//! Ferrovisor's test interface: how project test guests report what they observed so
+//! that the hypervisor can compare it with what it did.
+//!
+//! This is NOT part of Xen's ABI. The hypercall number lies outside Xen's table, so a
+//! real Xen (and ferrovisor, for domains without `test_interface = 1` in their config)
+//! answers `-ENOSYS`.
+//!
+//! Call: `rax = TEST_HYPERCALL`, `rdi = check id`, `rsi = observed value`,
+//! `rdx = second observed value`. Returns 0 when the hypervisor's verdict is PASS,
+//! 1 when it is FAIL, `-EINVAL` for an unknown check id. The hypervisor logs every
+//! verdict as `d<domid> check <name>: PASS|FAIL (<detail>)`.
+
+/// The test-report hypercall number ("FE" in ASCII, far above Xen's 64 slots).
+pub const TEST_HYPERCALL: u64 = 0x4645;
+
+/// Port a guest may write characters to; the hypervisor prints them as the guest's
+/// console (Xen's HVM debug port 0xe9 behaves the same).
+pub const DEBUG_PORT: u16 = 0xe9;
+
+/// A port nothing decodes: reads return all ones, writes are dropped (as on real
+/// hardware and on Xen without a device model).
+pub const UNCLAIMED_PORT: u16 = 0x4321;
+
+/// A guest-physical address the test guest's domain never backs (the guest maps it
+/// in its own page tables; the nested page tables do not).
+pub const UNBACKED_GPA: u64 = 0xd000_0000;
+
+/// Value the test guest writes to IA32_SYSENTER_ESP (MSR 0x175) in the `msr` check.
+pub const MSR_TEST_VALUE: u64 = 0x0000_1234_5678_9abc;
+
+/// An MSR number no CPU implements; reading it must raise #GP in the guest.
+pub const MSR_UNKNOWN: u32 = 0x4000_00ff;
+
+/// Length of the pattern written in the `memory-write` check.
+pub const MEMORY_PATTERN_LEN: u64 = 4096;
+
+/// Byte `i` of the `memory-write` pattern.
+pub const fn memory_pattern(i: u64) -> u8 {
+    (i.wrapping_mul(7).wrapping_add(3) & 0xff) as u8
+}
+
+/// The checks a test guest reports. Values are the `rdi` of the report hypercall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Check {
+    /// `xen_version(XENVER_version)` result: value = rax the guest saw.
+    Hypercall = 1,
+    /// CPUID 0x40000000: value = ebx | ecx << 32, value2 = edx.
+    CpuidSignature = 2,
+    /// CPUID leaf 1 ecx in value (hypervisor bit 31 must be set), leaf 0x80000001 ecx in
+    /// value2 (SVM bit 2 must be clear: nested SVM is not offered).
+    CpuidFeatures = 3,
+    /// Bytes the guest wrote to [`DEBUG_PORT`] so far (value).
+    IoOut = 4,
+    /// `inl` from [`UNCLAIMED_PORT`] in value, `inb` in value2.
+    IoIn = 5,
+    /// IA32_SYSENTER_ESP read back after writing [`MSR_TEST_VALUE`].
+    Msr = 6,
+    /// Exception vector the guest took on `rdmsr` of [`MSR_UNKNOWN`] (value), or
+    /// `u64::MAX` when no exception was raised.
+    MsrGp = 7,
+    /// 32-bit read from [`UNBACKED_GPA`] (value).
+    NpfRead = 8,
+    /// 32-bit read from [`UNBACKED_GPA`] after writing 0 to it (value).
+    NpfWrite = 9,
+    /// Guest wrote [`memory_pattern`] at guest-physical value, length value2.
+    MemoryWrite = 10,
+}
+
+impl Check {
+    /// Every check, in the order the test guest runs them.
+    pub const ALL: [Check; 10] = [
+        Check::Hypercall,
+        Check::CpuidSignature,
+        Check::CpuidFeatures,
+        Check::IoOut,
+        Check::IoIn,
+        Check::Msr,
+        Check::MsrGp,
+        Check::NpfRead,
+        Check::NpfWrite,
+        Check::MemoryWrite,
+    ];
+
+    /// The check for a report's `rdi`.
+    pub fn from_id(id: u64) -> Option<Check> {
+        Check::ALL.into_iter().find(|c| *c as u64 == id)
+    }
+
+    /// The name used in log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::Hypercall => "hypercall",
+            Check::CpuidSignature => "cpuid-signature",
+            Check::CpuidFeatures => "cpuid-features",
+            Check::IoOut => "io-out",
+            Check::IoIn => "io-in",
+            Check::Msr => "msr",
+            Check::MsrGp => "msr-gp",
+            Check::NpfRead => "npf-read",
+            Check::NpfWrite => "npf-write",
+            Check::MemoryWrite => "memory-write",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_names_are_unique() {
+        for c in Check::ALL {
+            assert_eq!(Check::from_id(c as u64), Some(c));
+        }
+        assert_eq!(Check::from_id(0), None);
+        let mut names: Vec<_> = Check::ALL.iter().map(|c| c.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Check::ALL.len());
+    }
+
+    #[test]
+    fn signature_spells_xen() {
+        let mut s = Vec::new();
+        for w in crate::XEN_CPUID_SIGNATURE {
+            s.extend_from_slice(&w.to_le_bytes());
+        }
+        assert_eq!(&s, b"XenVMMXenVMM");
+    }
+}
