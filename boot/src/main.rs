@@ -1,4 +1,102 @@
+//! The ferrovisor image: boots through PVH (QEMU `-kernel`) or multiboot2 (GRUB), sets
+//! up the machine, and hands the boot bundle's domains to the hypervisor.
 #![no_std]
 #![no_main]
+
+extern crate alloc;
+
+mod acpi_info;
+mod bootinfo;
+mod console;
+mod entry;
+mod idt;
+mod memory;
+mod platform;
+mod rt;
+mod time;
+
+use hypervisor::arch::svm::{self, SvmError};
+use platform::ExitCode;
+
+/// Prints `FATAL: ...` and stops the machine with the fatal verdict.
+macro_rules! fatal {
+    ($($t:tt)*) => {{
+        crate::console::write_fmt(format_args!("FATAL: {}\n", format_args!($($t)*)));
+        crate::platform::exit(ExitCode::Fatal)
+    }};
+}
+
+/// Called by the entry code in long mode with the boot protocol's registers.
+pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
+    console::init();
+    idt::init();
+    time::init();
+    log::info!("ferrovisor {} starting", env!("CARGO_PKG_VERSION"));
+    let bi = match bootinfo::parse(eax, ebx) {
+        Ok(b) => b,
+        Err(e) => fatal!("no boot information I understand ({e:?}): boot the image with QEMU -kernel (PVH) or GRUB multiboot2"),
+    };
+    let cmdline = bi.cmdline();
+    for opt in cmdline.split_ascii_whitespace() {
+        if let Some(l) = opt.strip_prefix("loglvl=") {
+            console::set_level(l);
+        }
+    }
+    log::info!("booted by {}, command line \"{cmdline}\", TSC {} kHz", bi.protocol, time::tsc_per_ms());
+    let (top, free) = match memory::init(&bi) {
+        Ok(x) => x,
+        Err(e) => fatal!("cannot set up memory: {e:?}"),
+    };
+    log::info!("RAM up to {:#x}, {} MiB free after the heap ({} MiB)", top, free >> 20, memory::HEAP_SIZE >> 20);
+    match acpi_info::discover(bi.rsdp) {
+        Some(a) => log::info!(
+            "ACPI: {} CPU(s) in the MADT; DMAR {}; SRAT {}; MCFG {}",
+            a.cpus,
+            a.dmar.map_or("absent".into(), |x| alloc::format!("at {x:#x}")),
+            a.srat.map_or("absent".into(), |x| alloc::format!("at {x:#x}")),
+            a.mcfg.map_or("absent".into(), |x| alloc::format!("at {x:#x}"))
+        ),
+        None => log::warn!("continuing without ACPI"),
+    }
+
+    let features = match svm::detect() {
+        Ok(f) => f,
+        Err(SvmError::NoSvm) => {
+            let vendor = hypervisor::arch::x86::cpuid(0, 0);
+            if vendor[1] == 0x756e_6547 {
+                fatal!("this CPU has no AMD SVM: it is an Intel CPU and the VMX backend is not built yet; under QEMU TCG use -cpu max or -cpu qemu64,+svm,+npt")
+            }
+            fatal!("this CPU has no AMD SVM (secure virtual machine): under QEMU TCG use -cpu max or -cpu qemu64,+svm,+npt; on hardware enable SVM in the firmware")
+        }
+        Err(SvmError::DisabledByFirmware) => fatal!("this CPU has AMD SVM but the firmware disabled it (VM_CR.SVMDIS): enable \"SVM mode\" in the firmware setup"),
+        Err(SvmError::NoNpt) => fatal!("this CPU has SVM but no nested paging (NPT), which ferrovisor requires: under QEMU TCG add +npt (-cpu qemu64,+svm,+npt) or use -cpu max"),
+    };
+    // SAFETY: once, on the boot CPU, interrupts off, after detect() succeeded.
+    let cpu = unsafe { svm::enable(features) };
+    log::info!(
+        "SVM enabled: nested paging, {} ASIDs, next-RIP {}, FPU switch {:?}",
+        features.asids,
+        if features.nrips { "reported" } else { "decoded by the hypervisor" },
+        cpu.fpu
+    );
+
+    let Some(m) = bi.modules().first() else {
+        fatal!("no boot module: pass the domain bundle as the first module (QEMU -initrd, GRUB module2); `cargo xtask run` does this")
+    };
+    // SAFETY: the module lies in RAM the frame allocator keeps reserved; nothing writes
+    // it while domains are built from it.
+    let bundle = unsafe { hypervisor::arch::phys::slice(m.start, m.len) };
+    match hypervisor::run::run_bundle(bundle, &cpu) {
+        Ok(o) => {
+            log::info!("all domains finished: {} ok, {} failed", o.ok, o.failed);
+            platform::exit(if o.failed == 0 { ExitCode::Success } else { ExitCode::DomainFailed })
+        }
+        Err(msg) => fatal!("{msg}"),
+    }
+}
+
 #[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    console::force_write_fmt(format_args!("PANIC: {info}\n"));
+    platform::exit(ExitCode::Crash)
+}

@@ -1,4 +1,278 @@
+//! Ferrovisor's test guest: a tiny PVH kernel that exercises the hypervisor's exit paths
+//! and reports what it observed through the test hypercall (`abi::ferro`).
+//!
+//! Command line: `test=exits` (default) runs the exit-path checks in the order of
+//! [`Check::ALL`]; `test=triple-fault` triple-faults on purpose. Any other `test=` value
+//! is reported and ends the guest with `SHUTDOWN_crash`.
+//!
+//! Boot: [`boot`] (32-bit PVH entry to long mode). Exceptions: [`idt`]. The instructions
+//! used: [`arch`]. C runtime symbols: [`rt`].
 #![no_std]
 #![no_main]
+
+mod arch;
+mod boot;
+mod idt;
+mod rt;
+
+use core::arch::x86_64::__cpuid;
+use core::fmt::Write;
+use core::sync::atomic::{compiler_fence, AtomicU64, AtomicU8, Ordering};
+
+use abi::ferro::{self, Check};
+use abi::hypercall as hc;
+use abi::start_info::{HvmStartInfo, HVM_START_MAGIC};
+
+/// The page tables map guest-physical 0..4 GiB one to one; nothing above is reachable.
+const MAPPED_LIMIT: u64 = 1 << 32;
+/// Longest command line read.
+const CMDLINE_MAX: u64 = 4096;
+/// IA32_SYSENTER_ESP
+const MSR_SYSENTER_ESP: u32 = 0x175;
+
+/// Physical address of the NUL-terminated command line, 0 when there is none.
+static CMDLINE_PADDR: AtomicU64 = AtomicU64::new(0);
+
+/// The `memory-write` target: one page in `.bss`, filled with [`ferro::memory_pattern`].
+#[repr(C, align(4096))]
+struct PatternPage([AtomicU8; ferro::MEMORY_PATTERN_LEN as usize]);
+
+static PATTERN_PAGE: PatternPage =
+    PatternPage([const { AtomicU8::new(0) }; ferro::MEMORY_PATTERN_LEN as usize]);
+
+const _: () = assert!(core::mem::size_of::<PatternPage>() == 4096);
+
+/// Entered from `boot` in long mode, identity-mapped, with SSE on.
+#[no_mangle]
+extern "C" fn main(start_info_paddr: u64) -> ! {
+    idt::init();
+    match read_start_info(start_info_paddr) {
+        Some(info) => CMDLINE_PADDR.store(info.cmdline_paddr, Ordering::SeqCst),
+        None => console_write("testguest: no valid hvm_start_info; empty command line\n"),
+    }
+    match test_option(cmdline()) {
+        b"exits" => run_exits(),
+        b"triple-fault" => run_triple_fault(),
+        other => {
+            console_write("testguest: unknown test '");
+            console_write_bytes(other);
+            console_write("'\n");
+            shutdown(hc::SHUTDOWN_CRASH)
+        }
+    }
+}
+
+/// The `test=exits` sequence: every [`Check`] in order, a summary line, poweroff.
+fn run_exits() -> ! {
+    let mut tally = Tally::default();
+    console_write("testguest: starting exit-path checks\n");
+
+    // SAFETY: XENVER_version takes no pointer argument.
+    let version = unsafe { arch::hypercall(hc::XEN_VERSION, hc::XENVER_VERSION, 0, 0) };
+    tally.report(Check::Hypercall, version as u64, 0);
+
+    let sig = __cpuid(0x4000_0000);
+    tally.report(
+        Check::CpuidSignature,
+        u64::from(sig.ebx) | u64::from(sig.ecx) << 32,
+        u64::from(sig.edx),
+    );
+
+    let leaf1 = __cpuid(1).ecx;
+    let ext1 = __cpuid(0x8000_0001).ecx;
+    tally.report(Check::CpuidFeatures, u64::from(leaf1), u64::from(ext1));
+
+    // Nothing else is written to the debug port before this (on the normal path).
+    let hello = b"testguest: hello through port 0xe9\n";
+    for &b in hello {
+        arch::outb(ferro::DEBUG_PORT, b);
+    }
+    tally.report(Check::IoOut, hello.len() as u64, 0);
+
+    let wide = arch::inl(ferro::UNCLAIMED_PORT);
+    let narrow = arch::inb(ferro::UNCLAIMED_PORT);
+    tally.report(Check::IoIn, u64::from(wide), u64::from(narrow));
+
+    // SAFETY: SYSENTER_ESP is only used by `sysenter`, which this guest never executes.
+    unsafe { arch::wrmsr(MSR_SYSENTER_ESP, ferro::MSR_TEST_VALUE) };
+    let msr = arch::try_rdmsr(MSR_SYSENTER_ESP).unwrap_or(u64::MAX);
+    tally.report(Check::Msr, msr, 0);
+
+    let gp = match arch::try_rdmsr(ferro::MSR_UNKNOWN) {
+        Ok(_) => u64::MAX,
+        Err(vector) => u64::from(vector),
+    };
+    tally.report(Check::MsrGp, gp, 0);
+
+    // SAFETY: UNBACKED_GPA (3.25 GiB) is inside the identity map and 4-byte aligned; no
+    // Rust object lives there (the image ends a few hundred KiB above 1 MiB).
+    let before = unsafe { arch::read32(ferro::UNBACKED_GPA) };
+    tally.report(Check::NpfRead, u64::from(before), 0);
+
+    // SAFETY: as above.
+    let after = unsafe {
+        arch::write32(ferro::UNBACKED_GPA, 0);
+        arch::read32(ferro::UNBACKED_GPA)
+    };
+    tally.report(Check::NpfWrite, u64::from(after), 0);
+
+    for (i, byte) in PATTERN_PAGE.0.iter().enumerate() {
+        byte.store(ferro::memory_pattern(i as u64), Ordering::Relaxed);
+    }
+    compiler_fence(Ordering::SeqCst);
+    tally.report(
+        Check::MemoryWrite,
+        PATTERN_PAGE.0.as_ptr() as u64,
+        ferro::MEMORY_PATTERN_LEN,
+    );
+
+    let mut line = StackBuf::<96>::new();
+    let _ = writeln!(
+        line,
+        "testguest: {} checks reported, {} failed verdicts",
+        tally.reported, tally.failed
+    );
+    console_write_bytes(line.as_bytes());
+    shutdown(hc::SHUTDOWN_POWEROFF)
+}
+
+/// `test=triple-fault`.
+fn run_triple_fault() -> ! {
+    console_write("testguest: about to triple fault\n");
+    arch::triple_fault()
+}
+
+/// Counts reports and non-PASS verdicts.
+#[derive(Default)]
+struct Tally {
+    reported: u32,
+    failed: u32,
+}
+
+impl Tally {
+    fn report(&mut self, check: Check, value: u64, value2: u64) -> i64 {
+        let verdict = report(check, value, value2);
+        self.reported += 1;
+        if verdict != 0 {
+            self.failed += 1;
+        }
+        verdict
+    }
+}
+
+/// Reports one observation: 0 = PASS, 1 = FAIL, negative errno otherwise.
+fn report(check: Check, value: u64, value2: u64) -> i64 {
+    // SAFETY: the test hypercall takes plain values, no pointers.
+    unsafe { arch::hypercall(ferro::TEST_HYPERCALL, check as u64, value, value2) }
+}
+
+/// Writes text to the hypervisor console (`CONSOLEIO_write`).
+fn console_write(s: &str) {
+    console_write_bytes(s.as_bytes());
+}
+
+fn console_write_bytes(bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    // SAFETY: the hypervisor reads `len` bytes at the pointer, which `bytes` covers; the
+    // guest is identity-mapped, so the virtual address is also the physical one.
+    unsafe {
+        arch::hypercall(
+            hc::CONSOLE_IO,
+            hc::CONSOLEIO_WRITE,
+            bytes.len() as u64,
+            bytes.as_ptr() as u64,
+        )
+    };
+}
+
+/// `SCHEDOP_shutdown`; if the hypervisor returns, halts with interrupts off.
+fn shutdown(reason: u32) -> ! {
+    let arg: u32 = reason;
+    // SAFETY: SCHEDOP_shutdown reads one `u32` (`struct sched_shutdown`) at the pointer,
+    // and `arg` lives across the call.
+    unsafe {
+        arch::hypercall(
+            hc::SCHED_OP,
+            hc::SCHEDOP_SHUTDOWN,
+            &arg as *const u32 as u64,
+            0,
+        )
+    };
+    arch::halt_forever()
+}
+
+/// The start info at `paddr`, if it is mapped and carries the PVH magic.
+fn read_start_info(paddr: u64) -> Option<HvmStartInfo> {
+    let size = core::mem::size_of::<HvmStartInfo>() as u64;
+    if paddr == 0 || paddr >= MAPPED_LIMIT - size {
+        return None;
+    }
+    // SAFETY: the address is non-null and the whole struct lies in the identity map; the
+    // struct is plain integers (any bit pattern valid), read without alignment demands.
+    let info = unsafe { core::ptr::read_unaligned(paddr as *const HvmStartInfo) };
+    (info.magic == HVM_START_MAGIC).then_some(info)
+}
+
+/// The command line (without its NUL), empty when there is none.
+fn cmdline() -> &'static [u8] {
+    let paddr = CMDLINE_PADDR.load(Ordering::SeqCst);
+    if paddr == 0 || paddr >= MAPPED_LIMIT - CMDLINE_MAX {
+        return &[];
+    }
+    let mut len = 0;
+    while len < CMDLINE_MAX {
+        // SAFETY: paddr + len < 4 GiB lies in the identity map and is non-null.
+        let b = unsafe { core::ptr::read_volatile((paddr + len) as *const u8) };
+        if b == 0 {
+            break;
+        }
+        len += 1;
+    }
+    // SAFETY: the `len` bytes were just read through the identity map; the loader hands
+    // the command line over for good and nothing in this guest writes it.
+    unsafe { core::slice::from_raw_parts(paddr as *const u8, len as usize) }
+}
+
+/// The value of the first `test=` option, `exits` without one.
+fn test_option(cmdline: &[u8]) -> &[u8] {
+    cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .find_map(|word| word.strip_prefix(b"test="))
+        .unwrap_or(b"exits")
+}
+
+/// A fixed-size text buffer; output beyond its capacity is dropped.
+struct StackBuf<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackBuf<N> {
+    fn new() -> Self {
+        Self {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<const N: usize> Write for StackBuf<N> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let take = s.len().min(N - self.len);
+        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}
+
 #[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let _ = writeln!(idt::DebugPort, "testguest: panic: {info}");
+    shutdown(hc::SHUTDOWN_CRASH)
+}

@@ -1,0 +1,232 @@
+//! CPU exceptions in the hypervisor itself: a GDT with a TSS (each vector gets an IST
+//! stack, since precompiled `core` may use the red zone), an IDT whose stubs save every
+//! register, and a handler that prints a report and stops the machine cleanly.
+//!
+//! Host interrupts stay disabled; physical interrupts during guest execution come back
+//! as exits, so only exceptions (hypervisor bugs) arrive here.
+
+use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
+use x86_64::instructions::tables::load_tss;
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::VirtAddr;
+
+core::arch::global_asm!(
+    r#"
+    .macro ISR_NOERR n
+isr_\n:
+    push 0
+    push \n
+    jmp isr_common
+    .endm
+    .macro ISR_ERR n
+isr_\n:
+    push \n
+    jmp isr_common
+    .endm
+
+    .text
+    ISR_NOERR 0
+    ISR_NOERR 1
+    ISR_NOERR 2
+    ISR_NOERR 3
+    ISR_NOERR 4
+    ISR_NOERR 5
+    ISR_NOERR 6
+    ISR_NOERR 7
+    ISR_ERR 8
+    ISR_NOERR 9
+    ISR_ERR 10
+    ISR_ERR 11
+    ISR_ERR 12
+    ISR_ERR 13
+    ISR_ERR 14
+    ISR_NOERR 15
+    ISR_NOERR 16
+    ISR_ERR 17
+    ISR_NOERR 18
+    ISR_NOERR 19
+    ISR_NOERR 20
+    ISR_ERR 21
+    ISR_NOERR 22
+    ISR_NOERR 23
+    ISR_NOERR 24
+    ISR_NOERR 25
+    ISR_NOERR 26
+    ISR_NOERR 27
+    ISR_NOERR 28
+    ISR_ERR 29
+    ISR_ERR 30
+    ISR_NOERR 31
+
+isr_common:
+    push rax
+    push rcx
+    push rdx
+    push rbx
+    push rbp
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+    mov rdi, rsp
+    and rsp, -16
+    call {handler}
+1:
+    cli
+    hlt
+    jmp 1b
+
+    .section .rodata
+    .p2align 3
+    .global ferrovisor_isr_table
+ferrovisor_isr_table:
+    .quad isr_0
+    .quad isr_1
+    .quad isr_2
+    .quad isr_3
+    .quad isr_4
+    .quad isr_5
+    .quad isr_6
+    .quad isr_7
+    .quad isr_8
+    .quad isr_9
+    .quad isr_10
+    .quad isr_11
+    .quad isr_12
+    .quad isr_13
+    .quad isr_14
+    .quad isr_15
+    .quad isr_16
+    .quad isr_17
+    .quad isr_18
+    .quad isr_19
+    .quad isr_20
+    .quad isr_21
+    .quad isr_22
+    .quad isr_23
+    .quad isr_24
+    .quad isr_25
+    .quad isr_26
+    .quad isr_27
+    .quad isr_28
+    .quad isr_29
+    .quad isr_30
+    .quad isr_31
+    "#,
+    handler = sym exception_handler,
+);
+
+unsafe extern "C" {
+    static ferrovisor_isr_table: [u64; 32];
+}
+
+/// The stack frame the stubs build (lowest address first).
+#[repr(C)]
+#[derive(Debug)]
+pub struct Frame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rdi: u64,
+    rsi: u64,
+    rbp: u64,
+    rbx: u64,
+    rdx: u64,
+    rcx: u64,
+    rax: u64,
+    vector: u64,
+    error_code: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+const NAMES: [&str; 32] = [
+    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow", "#BR bound range",
+    "#UD invalid opcode", "#NM device not available", "#DF double fault", "coprocessor overrun",
+    "#TS invalid TSS", "#NP segment not present", "#SS stack fault", "#GP general protection",
+    "#PF page fault", "reserved 15", "#MF x87 error", "#AC alignment check", "#MC machine check",
+    "#XM SIMD error", "#VE virtualization", "#CP control protection", "reserved 22", "reserved 23",
+    "reserved 24", "reserved 25", "reserved 26", "reserved 27", "#HV hypervisor injection",
+    "#VC VMM communication", "#SX security", "reserved 31",
+];
+
+extern "C" fn exception_handler(f: &Frame) -> ! {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
+    let name = NAMES.get(f.vector as usize).copied().unwrap_or("?");
+    crate::console::force_write_fmt(format_args!(
+        "EXCEPTION: {name} (vector {}) in the hypervisor, error code {:#x}\n\
+         EXCEPTION: rip {:#018x} cs {:#x} rflags {:#x} rsp {:#018x} cr2 {:#018x}\n\
+         EXCEPTION: rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}\n\
+         EXCEPTION: r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}\n",
+        f.vector, f.error_code, f.rip, f.cs, f.rflags, f.rsp, cr2, f.rax, f.rbx, f.rcx, f.rdx, f.rsi,
+        f.rdi, f.rbp, f.r8, f.r9, f.r10, f.r11, f.r12, f.r13, f.r14, f.r15
+    ));
+    crate::platform::exit(crate::platform::ExitCode::Crash)
+}
+
+const IST_SIZE: usize = 16 * 1024;
+
+#[repr(C, align(16))]
+struct Stack([u8; IST_SIZE]);
+
+static mut EXC_STACK: Stack = Stack([0; IST_SIZE]);
+static mut DF_STACK: Stack = Stack([0; IST_SIZE]);
+static mut TSS: TaskStateSegment = TaskStateSegment::new();
+static mut GDT: GlobalDescriptorTable = GlobalDescriptorTable::new();
+static mut IDT: [[u64; 2]; 32] = [[0; 2]; 32];
+
+/// Loads the GDT (code, data, TSS) and the IDT. Call once, on the boot CPU.
+pub fn init() {
+    // SAFETY: runs once on the boot CPU before anything else uses these statics; the
+    // descriptors describe the image's flat segments and statics that live forever.
+    unsafe {
+        let tss = &mut *(&raw mut TSS);
+        tss.interrupt_stack_table[0] =
+            VirtAddr::new(((&raw const EXC_STACK) as u64) + IST_SIZE as u64);
+        tss.interrupt_stack_table[1] = VirtAddr::new(((&raw const DF_STACK) as u64) + IST_SIZE as u64);
+        let gdt = &mut *(&raw mut GDT);
+        let code = gdt.append(Descriptor::kernel_code_segment());
+        let data = gdt.append(Descriptor::kernel_data_segment());
+        let tss_sel = gdt.append(Descriptor::tss_segment(&*(&raw const TSS)));
+        gdt.load();
+        CS::set_reg(code);
+        DS::set_reg(data);
+        ES::set_reg(data);
+        SS::set_reg(data);
+        load_tss(tss_sel);
+
+        let idt = &mut *(&raw mut IDT);
+        for (v, slot) in idt.iter_mut().enumerate() {
+            let addr = ferrovisor_isr_table[v];
+            let ist: u64 = if v == 8 || v == 2 || v == 18 { 2 } else { 1 };
+            slot[0] = (addr & 0xffff)
+                | (u64::from(code.0) << 16)
+                | (ist << 32)
+                | (0x8e << 40)
+                | ((addr >> 16) & 0xffff) << 48;
+            slot[1] = addr >> 32;
+        }
+        let ptr = x86_64::structures::DescriptorTablePointer {
+            limit: (core::mem::size_of::<[[u64; 2]; 32]>() - 1) as u16,
+            base: VirtAddr::new((&raw const IDT) as u64),
+        };
+        x86_64::instructions::tables::lidt(&ptr);
+    }
+}

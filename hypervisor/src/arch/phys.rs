@@ -1,0 +1,89 @@
+//! Physical memory access through the image's identity map.
+//!
+//! The image maps all RAM (and the MMIO it uses) at virtual == physical, so a physical
+//! address is a valid pointer once it is known to lie in RAM the caller owns. These are
+//! the only functions that turn addresses into pointers.
+
+/// Copies `buf.len()` bytes from host-physical `pa`.
+///
+/// # Safety
+/// `[pa, pa + len)` must be identity-mapped RAM that no one else writes concurrently.
+pub unsafe fn read(pa: u64, buf: &mut [u8]) {
+    // SAFETY: the caller guarantees the range is mapped, readable RAM.
+    unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
+}
+
+/// Copies `data` to host-physical `pa`.
+///
+/// # Safety
+/// `[pa, pa + len)` must be identity-mapped RAM owned by the caller (e.g. a domain's
+/// memory, a page table) and not part of the image.
+pub unsafe fn write(pa: u64, data: &[u8]) {
+    // SAFETY: the caller guarantees the range is mapped RAM it owns.
+    unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as *mut u8, data.len()) };
+}
+
+/// Fills `len` bytes at host-physical `pa` with zero.
+///
+/// # Safety
+/// As [`write`].
+pub unsafe fn zero(pa: u64, len: u64) {
+    // SAFETY: the caller guarantees the range is mapped RAM it owns.
+    unsafe { core::ptr::write_bytes(pa as *mut u8, 0, len as usize) };
+}
+
+/// Reads the aligned u64 at host-physical `pa`.
+///
+/// # Safety
+/// As [`read`]; `pa` 8-aligned.
+pub unsafe fn read_u64(pa: u64) -> u64 {
+    // SAFETY: the caller guarantees an aligned, mapped address.
+    unsafe { core::ptr::read_volatile(pa as *const u64) }
+}
+
+/// Writes the aligned u64 at host-physical `pa`.
+///
+/// # Safety
+/// As [`write`]; `pa` 8-aligned.
+pub unsafe fn write_u64(pa: u64, v: u64) {
+    // SAFETY: the caller guarantees an aligned, mapped address it owns.
+    unsafe { core::ptr::write_volatile(pa as *mut u64, v) };
+}
+
+/// A byte slice over host-physical memory.
+///
+/// # Safety
+/// The range must be identity-mapped RAM that stays valid and unmodified for `'a`
+/// (boot modules, which nothing frees while domains are built from them).
+pub unsafe fn slice<'a>(pa: u64, len: u64) -> &'a [u8] {
+    // SAFETY: the caller guarantees the range is valid and immutable for 'a.
+    unsafe { core::slice::from_raw_parts(pa as *const u8, len as usize) }
+}
+
+/// Page-table memory for the walker in [`crate::paging`]: frames from the machine's
+/// allocator, accessed through the identity map.
+pub struct HostPhysMem;
+
+impl crate::paging::PhysMem for HostPhysMem {
+    fn read(&self, pa: u64) -> u64 {
+        // SAFETY: the walker only reads entries of tables it allocated (or the image's
+        // own identity map), all identity-mapped RAM, 8-aligned.
+        unsafe { read_u64(pa) }
+    }
+
+    fn write(&mut self, pa: u64, value: u64) {
+        // SAFETY: as in `read`; the tables belong to the caller's page table.
+        unsafe { write_u64(pa, value) }
+    }
+
+    fn alloc_table(&mut self) -> Option<u64> {
+        let pa = crate::frames::alloc(1, 1)?;
+        // SAFETY: a frame just handed out by the allocator, identity-mapped.
+        unsafe { zero(pa, 4096) };
+        Some(pa)
+    }
+
+    fn free_table(&mut self, pa: u64) {
+        crate::frames::free(pa, 1);
+    }
+}

@@ -1,0 +1,289 @@
+//! Vendor-neutral exit handling: CPUID, port I/O, MSRs, nested page faults, HLT and
+//! XSETBV. Hypercalls are in [`crate::hypercall`].
+
+use alloc::format;
+use alloc::string::String;
+
+use crate::arch::x86;
+use crate::cpuid::{self, GuestView};
+use crate::domain::{DomainCore, DomainEnd};
+use crate::emulate::{self, Access};
+use crate::guest_walk::{self, Access as WalkAccess};
+use crate::vcpu::{reg, Exit, GuestCpu, IoExit};
+
+/// What to do after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Re-enter the guest.
+    Continue,
+    /// The domain has ended.
+    End(DomainEnd),
+}
+
+/// Log-once keys.
+const LOG_MSR: u8 = 1;
+const LOG_PORT: u8 = 2;
+const LOG_EXIT: u8 = 3;
+pub(crate) const LOG_HYPERCALL: u8 = 4;
+
+const VEC_UD: u8 = 6;
+const VEC_GP: u8 = 13;
+
+/// Handles one exit of `cpu`, a vCPU of domain `d`.
+pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu, exit: Exit) -> Flow {
+    let bucket = match exit {
+        Exit::Hypercall => 0,
+        Exit::Cpuid => 1,
+        Exit::Io(_) => 2,
+        Exit::Msr { .. } => 3,
+        Exit::NestedPageFault { .. } => 4,
+        Exit::Hlt => 5,
+        Exit::Xsetbv => 6,
+        Exit::ExternalInterrupt => 7,
+        _ => 8,
+    };
+    d.counters.exits[bucket] += 1;
+    match exit {
+        Exit::Hypercall => crate::hypercall::handle(d, cpu),
+        Exit::Cpuid => {
+            let leaf = cpu.reg(reg::RAX) as u32;
+            let sub = cpu.reg(reg::RCX) as u32;
+            let view = GuestView {
+                osxsave: cpu.paging().cr4 & (1 << 18) != 0,
+                xcr0: cpu.xcr0(),
+                apic_id: 0,
+            };
+            let r = cpuid::guest_cpuid(leaf, sub, view, x86::cpuid);
+            for (i, reg) in [reg::RAX, reg::RBX, reg::RCX, reg::RDX].into_iter().enumerate() {
+                cpu.set_reg(reg, u64::from(r[i]));
+            }
+            skip(d, cpu, None)
+        }
+        Exit::Io(io) => port_io(d, cpu, io),
+        Exit::Msr { write } => msr(d, cpu, write),
+        Exit::NestedPageFault { gpa, write, fetch, present } => npf(d, cpu, gpa, write, fetch, present),
+        Exit::Hlt => {
+            // Xen: halting with interrupts disabled can never be woken (no NMIs are
+            // sent to guests), so it is taken as the vCPU going down; with every vCPU
+            // down the domain powers off.
+            if cpu_rflags_if(cpu) {
+                Flow::End(DomainEnd::Crashed(format!(
+                    "halted at rip {:#x} waiting for an interrupt, but no interrupt source exists yet",
+                    cpu.rip()
+                )))
+            } else {
+                Flow::End(DomainEnd::Shutdown(abi::hypercall::SHUTDOWN_POWEROFF))
+            }
+        }
+        Exit::Xsetbv => {
+            let idx = cpu.reg(reg::RCX) as u32;
+            let v = (cpu.reg(reg::RDX) << 32) | (cpu.reg(reg::RAX) & 0xffff_ffff);
+            let ok = idx == 0
+                && v & 1 != 0
+                && v & !cpuid::GUEST_XCR0_MASK & !1 == 0
+                && !(v & 4 != 0 && v & 2 == 0)
+                && v & supported_xcr0() == v
+                && cpu.cpl() == 0;
+            if !ok {
+                cpu.inject_exception(VEC_GP, Some(0));
+                return Flow::Continue;
+            }
+            cpu.set_xcr0(v);
+            skip(d, cpu, None)
+        }
+        Exit::TripleFault => Flow::End(DomainEnd::Crashed(format!(
+            "triple fault (shutdown) at rip {:#x}",
+            cpu.rip()
+        ))),
+        Exit::ExternalInterrupt => Flow::Continue,
+        Exit::InvalidState(code) => Flow::End(DomainEnd::Crashed(format!(
+            "the CPU refused to run the guest (VMRUN exit code {code:#x}): invalid guest state"
+        ))),
+        Exit::Unhandled(code) => {
+            if d.first_time(LOG_EXIT, code) {
+                log::warn!("d{}: unhandled exit code {code:#x} at rip {:#x}", d.id, cpu.rip());
+            }
+            Flow::End(DomainEnd::Crashed(format!("unhandled exit {code:#x} at rip {:#x}", cpu.rip())))
+        }
+    }
+}
+
+fn cpu_rflags_if(cpu: &dyn GuestCpu) -> bool {
+    cpu.rflags() & (1 << 9) != 0
+}
+
+fn supported_xcr0() -> u64 {
+    let [eax, _, _, edx] = x86::cpuid(0xd, 0);
+    ((u64::from(edx) << 32) | u64::from(eax)) & cpuid::GUEST_XCR0_MASK
+}
+
+/// Fetches up to 15 bytes of the instruction at the guest's RIP (once) through the
+/// guest's page tables.
+pub fn fetch_instruction(d: &DomainCore, cpu: &dyn GuestCpu) -> ([u8; 15], usize) {
+    let (_, base) = cpu.code_segment();
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    let access = WalkAccess { write: false, user: cpu.cpl() == 3, fetch: true };
+    while n < buf.len() {
+        let gva = base.wrapping_add(cpu.rip()).wrapping_add(n as u64);
+        let Ok(gpa) = guest_walk::translate(&cpu.paging(), &d.mem, gva, access) else { break };
+        // stay within the page
+        let room = (4096 - (gpa & 0xfff)) as usize;
+        let take = room.min(buf.len() - n);
+        if !d.mem.read(gpa, &mut buf[n..n + take]) {
+            break;
+        }
+        n += take;
+    }
+    (buf, n)
+}
+
+/// Advances RIP past the current instruction: by the hardware's next RIP when it gave
+/// one, else by `len`, else by decoding the instruction.
+pub fn skip(d: &mut DomainCore, cpu: &mut dyn GuestCpu, len: Option<u64>) -> Flow {
+    if let Some(next) = cpu.next_rip() {
+        cpu.set_rip(next);
+        return Flow::Continue;
+    }
+    let len = match len {
+        Some(l) => l,
+        None => {
+            let (bytes, n) = fetch_instruction(d, cpu);
+            match emulate::instruction_len(&bytes[..n], cpu.code_segment().0.bits()) {
+                Some(l) => u64::from(l),
+                None => {
+                    return Flow::End(DomainEnd::Crashed(format!(
+                        "cannot decode the instruction at rip {:#x} (bytes {:02x?})",
+                        cpu.rip(),
+                        &bytes[..n]
+                    )))
+                }
+            }
+        }
+    };
+    let (mode, _) = cpu.code_segment();
+    let next = cpu.rip().wrapping_add(len);
+    cpu.set_rip(if mode.bits() == 64 { next } else { next & 0xffff_ffff });
+    Flow::Continue
+}
+
+fn port_io(d: &mut DomainCore, cpu: &mut dyn GuestCpu, io: IoExit) -> Flow {
+    if io.string {
+        return Flow::End(DomainEnd::Crashed(format!(
+            "string port I/O ({}S to port {:#x}) is not emulated",
+            if io.input { "IN" } else { "OUT" },
+            io.port
+        )));
+    }
+    let m = emulate::mask(io.size);
+    if io.input {
+        // Nothing decodes guest ports yet: reads float high, as on an empty bus.
+        d.counters.unclaimed_port_reads += 1;
+        let rax = cpu.reg(reg::RAX);
+        cpu.set_reg(reg::RAX, match io.size {
+            4 => m,
+            _ => (rax & !m) | m,
+        });
+    } else if io.port == abi::ferro::DEBUG_PORT {
+        let v = cpu.reg(reg::RAX) & m;
+        let bytes = v.to_le_bytes();
+        d.counters.debug_port_bytes += u64::from(io.size);
+        d.console_write(&bytes[..io.size as usize]);
+    } else if d.first_time(LOG_PORT, u64::from(io.port)) {
+        log::debug!("d{}: write to unclaimed port {:#x} dropped (logged once)", d.id, io.port);
+    }
+    cpu.set_rip(io.next_rip.unwrap_or(cpu.rip()));
+    if io.next_rip.is_none() {
+        return skip(d, cpu, None);
+    }
+    Flow::Continue
+}
+
+fn msr(d: &mut DomainCore, cpu: &mut dyn GuestCpu, write: bool) -> Flow {
+    let m = cpu.reg(reg::RCX) as u32;
+    if write {
+        let v = (cpu.reg(reg::RDX) << 32) | (cpu.reg(reg::RAX) & 0xffff_ffff);
+        match cpu.write_arch_msr(m, v) {
+            Ok(true) => return skip(d, cpu, Some(2)),
+            Ok(false) => {}
+            Err(()) => return gp_for_msr(d, cpu, m, "invalid value"),
+        }
+        gp_for_msr(d, cpu, m, "write to an MSR that is not offered")
+    } else {
+        let v = match m {
+            x86::msr::TSC => Some(x86::rdtsc()),
+            _ => cpu.read_arch_msr(m),
+        };
+        match v {
+            Some(v) => {
+                cpu.set_reg(reg::RAX, v & 0xffff_ffff);
+                cpu.set_reg(reg::RDX, v >> 32);
+                skip(d, cpu, Some(2))
+            }
+            None => gp_for_msr(d, cpu, m, "read of an MSR that is not offered"),
+        }
+    }
+}
+
+fn gp_for_msr(d: &mut DomainCore, cpu: &mut dyn GuestCpu, m: u32, why: &str) -> Flow {
+    if d.first_time(LOG_MSR, u64::from(m)) {
+        log::info!("d{}: #GP for MSR {m:#x}: {why} (logged once per MSR)", d.id);
+    }
+    d.counters.msr_gp_injected += 1;
+    d.counters.last_gp_msr = Some(m);
+    cpu.inject_exception(VEC_GP, Some(0));
+    Flow::Continue
+}
+
+fn npf(d: &mut DomainCore, cpu: &mut dyn GuestCpu, gpa: u64, write: bool, fetch: bool, present: bool) -> Flow {
+    if present || gpa < d.mem.size() {
+        return Flow::End(DomainEnd::Crashed(format!(
+            "nested page fault on guest RAM at {gpa:#x} ({}): nested tables are inconsistent",
+            if write { "write" } else { "read" }
+        )));
+    }
+    if fetch {
+        return Flow::End(DomainEnd::Crashed(format!(
+            "instruction fetch from unbacked guest-physical address {gpa:#x} (rip {:#x})",
+            cpu.rip()
+        )));
+    }
+    let (bytes, n) = fetch_instruction(d, cpu);
+    let decoded = match emulate::decode(&bytes[..n], cpu.code_segment().0.bits()) {
+        Ok(x) => x,
+        Err(e) => {
+            return Flow::End(DomainEnd::Crashed(format!(
+                "access to unbacked guest-physical address {gpa:#x} at rip {:#x}: {e}",
+                cpu.rip()
+            )))
+        }
+    };
+    match decoded.access {
+        Access::Load { size, dest, sign_extend } => {
+            d.counters.unbacked_reads += 1;
+            let old = cpu.reg(dest.reg);
+            cpu.set_reg(dest.reg, emulate::apply_load(old, emulate::mask(size), size, dest, sign_extend));
+        }
+        Access::Store { .. } => d.counters.unbacked_writes += 1,
+    }
+    if d.first_time(LOG_EXIT, gpa | 1 << 63) {
+        log::debug!("d{}: access to unbacked gpa {gpa:#x} emulated (reads ~0, writes dropped)", d.id);
+    }
+    skip(d, cpu, Some(u64::from(decoded.len)))
+}
+
+/// Reads a guest-virtual buffer for a hypercall (one copy; `Err` = -EFAULT).
+pub fn copy_from_guest(d: &DomainCore, cpu: &dyn GuestCpu, gva: u64, buf: &mut [u8]) -> Result<(), ()> {
+    guest_walk::copy_from_guest(&cpu.paging(), &d.mem, gva, buf).map_err(|_| ())
+}
+
+/// Writes a guest-virtual buffer for a hypercall (`Err` = -EFAULT).
+pub fn copy_to_guest(d: &mut DomainCore, cpu: &dyn GuestCpu, gva: u64, data: &[u8]) -> Result<(), ()> {
+    let p = cpu.paging();
+    guest_walk::copy_to_guest(&p, &mut d.mem, gva, data).map_err(|_| ())
+}
+
+/// Formats an exit for a crash report.
+pub fn describe(exit: &Exit) -> String {
+    format!("{exit:?}")
+}

@@ -1,0 +1,177 @@
+//! A domain's guest-physical memory: host frames in extents, with copy helpers that
+//! never touch anything outside them.
+
+use alloc::vec::Vec;
+
+use crate::arch::phys;
+use crate::frames::{self, FRAME_SIZE};
+
+/// 2 MiB, the chunk guest memory is allocated in when it can be (nested paging then
+/// maps it with large pages).
+pub const CHUNK: u64 = 2 << 20;
+
+/// A run of guest-physical memory backed by contiguous host memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// First host-physical address.
+    pub hpa: u64,
+    /// Length in bytes (a multiple of 4 KiB).
+    pub len: u64,
+}
+
+/// Guest RAM `[0, size)`.
+pub struct GuestMemory {
+    extents: Vec<Extent>,
+    size: u64,
+}
+
+/// The machine has too little free memory for a domain.
+#[derive(Clone, Copy, Debug)]
+pub struct OutOfMemory {
+    /// Bytes asked for.
+    pub wanted: u64,
+    /// Free bytes left in the machine when allocation failed.
+    pub free: u64,
+}
+
+impl GuestMemory {
+    /// Allocates `size` bytes (rounded up to 4 KiB), zeroed, in 2 MiB chunks where the
+    /// machine has them and single frames otherwise.
+    pub fn allocate(size: u64) -> Result<GuestMemory, OutOfMemory> {
+        let size = size.next_multiple_of(FRAME_SIZE);
+        let mut m = GuestMemory { extents: Vec::new(), size: 0 };
+        while m.size < size {
+            let left = size - m.size;
+            let (hpa, len) = if left >= CHUNK && m.size % CHUNK == 0 {
+                match frames::alloc(CHUNK / FRAME_SIZE, CHUNK / FRAME_SIZE) {
+                    Some(hpa) => (hpa, CHUNK),
+                    None => match frames::alloc(1, 1) {
+                        Some(hpa) => (hpa, FRAME_SIZE),
+                        None => return Err(OutOfMemory { wanted: size, free: frames::free_count() * FRAME_SIZE }),
+                    },
+                }
+            } else {
+                match frames::alloc(1, 1) {
+                    Some(hpa) => (hpa, FRAME_SIZE),
+                    None => return Err(OutOfMemory { wanted: size, free: frames::free_count() * FRAME_SIZE }),
+                }
+            };
+            // SAFETY: the frames were just allocated for this domain and are identity-mapped.
+            unsafe { phys::zero(hpa, len) };
+            m.push(Extent { gpa: m.size, hpa, len });
+            m.size += len;
+        }
+        Ok(m)
+    }
+
+    fn push(&mut self, e: Extent) {
+        if let Some(last) = self.extents.last_mut() {
+            if last.gpa + last.len == e.gpa && last.hpa + last.len == e.hpa {
+                last.len += e.len;
+                return;
+            }
+        }
+        self.extents.push(e);
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The extents, in guest-physical order.
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    /// Host-physical address of `gpa` and how many bytes from there are contiguous.
+    pub fn translate(&self, gpa: u64) -> Option<(u64, u64)> {
+        let i = self.extents.partition_point(|e| e.gpa + e.len <= gpa);
+        let e = self.extents.get(i)?;
+        (gpa >= e.gpa).then(|| (e.hpa + (gpa - e.gpa), e.len - (gpa - e.gpa)))
+    }
+
+    /// Copies guest memory at `gpa` into `buf`; false if any byte is outside RAM.
+    pub fn read(&self, mut gpa: u64, buf: &mut [u8]) -> bool {
+        let mut done = 0;
+        while done < buf.len() {
+            let Some((hpa, avail)) = self.translate(gpa) else { return false };
+            let n = (avail.min((buf.len() - done) as u64)) as usize;
+            // SAFETY: [hpa, hpa+n) lies inside one of this domain's extents.
+            unsafe { phys::read(hpa, &mut buf[done..done + n]) };
+            done += n;
+            gpa += n as u64;
+        }
+        true
+    }
+
+    /// Copies `data` into guest memory at `gpa`; false (nothing written) if any byte
+    /// is outside RAM.
+    pub fn write(&mut self, gpa: u64, data: &[u8]) -> bool {
+        if gpa.checked_add(data.len() as u64).is_none_or(|end| end > self.size) {
+            return false;
+        }
+        let (mut gpa, mut done) = (gpa, 0);
+        while done < data.len() {
+            let Some((hpa, avail)) = self.translate(gpa) else { return false };
+            let n = (avail.min((data.len() - done) as u64)) as usize;
+            // SAFETY: [hpa, hpa+n) lies inside one of this domain's extents.
+            unsafe { phys::write(hpa, &data[done..done + n]) };
+            done += n;
+            gpa += n as u64;
+        }
+        true
+    }
+
+    /// Zeroes `len` bytes at `gpa`; false if the range leaves RAM.
+    pub fn zero(&mut self, gpa: u64, len: u64) -> bool {
+        if gpa.checked_add(len).is_none_or(|end| end > self.size) {
+            return false;
+        }
+        let (mut gpa, mut left) = (gpa, len);
+        while left > 0 {
+            let Some((hpa, avail)) = self.translate(gpa) else { return false };
+            let n = avail.min(left);
+            // SAFETY: [hpa, hpa+n) lies inside one of this domain's extents.
+            unsafe { phys::zero(hpa, n) };
+            left -= n;
+            gpa += n;
+        }
+        true
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        for e in self.extents.drain(..) {
+            frames::free(e.hpa, e.len / FRAME_SIZE);
+        }
+    }
+}
+
+impl crate::guest_walk::GuestPhys for GuestMemory {
+    fn read_u64(&self, gpa: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        GuestMemory::read(self, gpa, &mut b).then(|| u64::from_le_bytes(b))
+    }
+}
+
+impl crate::guest_walk::GuestPhysBytes for GuestMemory {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Option<()> {
+        GuestMemory::read(self, gpa, buf).then_some(())
+    }
+    fn write(&mut self, gpa: u64, buf: &[u8]) -> Option<()> {
+        GuestMemory::write(self, gpa, buf).then_some(())
+    }
+}
+
+impl crate::loader::GuestMemWrite for GuestMemory {
+    fn write(&mut self, gpa: u64, data: &[u8]) -> bool {
+        GuestMemory::write(self, gpa, data)
+    }
+    fn zero(&mut self, gpa: u64, len: u64) -> bool {
+        GuestMemory::zero(self, gpa, len)
+    }
+}
