@@ -9,7 +9,11 @@ use core::ptr::NonNull;
 pub struct IdentityHandler;
 
 impl AcpiHandler for IdentityHandler {
-    unsafe fn map_physical_region<T>(&self, physical_address: usize, size: usize) -> PhysicalMapping<Self, T> {
+    unsafe fn map_physical_region<T>(
+        &self,
+        physical_address: usize,
+        size: usize,
+    ) -> PhysicalMapping<Self, T> {
         // SAFETY: firmware tables lie in identity-mapped memory below 4 GiB; the crate
         // only reads them.
         unsafe {
@@ -58,7 +62,10 @@ pub fn discover(rsdp_hint: Option<u64>) -> Option<AcpiInfo> {
             return None;
         }
     };
-    let mut info = AcpiInfo { rsdp: rsdp_hint.unwrap_or(0), ..AcpiInfo::default() };
+    let mut info = AcpiInfo {
+        rsdp: rsdp_hint.unwrap_or(0),
+        ..AcpiInfo::default()
+    };
     if let Ok(madt) = tables.find_table::<acpi::madt::Madt>() {
         for e in madt.get().entries() {
             if let acpi::madt::MadtEntry::LocalApic(l) = e {
@@ -69,9 +76,18 @@ pub fn discover(rsdp_hint: Option<u64>) -> Option<AcpiInfo> {
             }
         }
     }
-    info.dmar = tables.find_table::<Dmar>().ok().map(|m| m.physical_start() as u64);
-    info.srat = tables.find_table::<Srat>().ok().map(|m| m.physical_start() as u64);
-    info.mcfg = tables.find_table::<acpi::mcfg::Mcfg>().ok().map(|m| m.physical_start() as u64);
+    info.dmar = tables
+        .find_table::<Dmar>()
+        .ok()
+        .map(|m| m.physical_start() as u64);
+    info.srat = tables
+        .find_table::<Srat>()
+        .ok()
+        .map(|m| m.physical_start() as u64);
+    info.mcfg = tables
+        .find_table::<acpi::mcfg::Mcfg>()
+        .ok()
+        .map(|m| m.physical_start() as u64);
     Some(info)
 }
 
@@ -94,5 +110,13 @@ macro_rules! raw_table {
     };
 }
 
-raw_table!(Dmar, acpi::sdt::Signature::DMAR, "The DMA remapping table (VT-d), parsed by the iommu crate.");
-raw_table!(Srat, acpi::sdt::Signature::SRAT, "The static resource affinity table (NUMA nodes).");
+raw_table!(
+    Dmar,
+    acpi::sdt::Signature::DMAR,
+    "The DMA remapping table (VT-d), parsed by the iommu crate."
+);
+raw_table!(
+    Srat,
+    acpi::sdt::Signature::SRAT,
+    "The static resource affinity table (NUMA nodes)."
+);

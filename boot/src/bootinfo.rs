@@ -3,7 +3,9 @@
 //!
 //! Parsed before the heap exists, into fixed-size arrays.
 
-use abi::start_info::{HvmMemmapEntry, HvmModlistEntry, HvmStartInfo, HVM_START_MAGIC, MEMMAP_TYPE_RAM};
+use abi::start_info::{
+    HvmMemmapEntry, HvmModlistEntry, HvmStartInfo, HVM_START_MAGIC, MEMMAP_TYPE_RAM,
+};
 
 /// Multiboot2's boot magic in eax.
 pub const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
@@ -109,21 +111,28 @@ pub fn parse(eax: u32, ebx: u32) -> Result<BootInfo, BootInfoError> {
     if eax == MULTIBOOT2_MAGIC {
         // SAFETY: GRUB passes a valid, 8-aligned multiboot2 information structure in ebx.
         let mbi = unsafe {
-            multiboot2::BootInformation::load(ebx as usize as *const multiboot2::BootInformationHeader)
+            multiboot2::BootInformation::load(
+                ebx as usize as *const multiboot2::BootInformationHeader,
+            )
         }
         .map_err(|_| BootInfoError::Multiboot2)?;
         bi.protocol = "multiboot2";
         bi.info_range = (mbi.start_address() as u64, mbi.end_address() as u64);
         if let Some(mm) = mbi.memory_map_tag() {
             for a in mm.memory_areas().iter().take(MAX_REGIONS) {
-                bi.regions[bi.nregions] =
-                    Region { start: a.start_address(), end: a.end_address(), kind: u32::from(a.typ()) };
+                bi.regions[bi.nregions] = Region {
+                    start: a.start_address(),
+                    end: a.end_address(),
+                    kind: u32::from(a.typ()),
+                };
                 bi.nregions += 1;
             }
         }
         for m in mbi.module_tags().take(MAX_MODULES) {
-            bi.modules[bi.nmodules] =
-                Module { start: u64::from(m.start_address()), len: u64::from(m.module_size()) };
+            bi.modules[bi.nmodules] = Module {
+                start: u64::from(m.start_address()),
+                len: u64::from(m.module_size()),
+            };
             bi.nmodules += 1;
         }
         if let Some(c) = mbi.command_line_tag() {
@@ -151,17 +160,26 @@ pub fn parse(eax: u32, ebx: u32) -> Result<BootInfo, BootInfoError> {
     if si.version >= 1 && si.memmap_paddr != 0 {
         for i in 0..(si.memmap_entries as usize).min(MAX_REGIONS) {
             // SAFETY: the loader's memory map array lies in RAM below 4 GiB.
-            let e: HvmMemmapEntry =
-                unsafe { ((si.memmap_paddr as usize + i * 24) as *const HvmMemmapEntry).read_unaligned() };
-            bi.regions[bi.nregions] = Region { start: e.addr, end: e.addr + e.size, kind: e.type_ };
+            let e: HvmMemmapEntry = unsafe {
+                ((si.memmap_paddr as usize + i * 24) as *const HvmMemmapEntry).read_unaligned()
+            };
+            bi.regions[bi.nregions] = Region {
+                start: e.addr,
+                end: e.addr + e.size,
+                kind: e.type_,
+            };
             bi.nregions += 1;
         }
     }
     for i in 0..(si.nr_modules as usize).min(MAX_MODULES) {
         // SAFETY: the loader's module list lies in RAM below 4 GiB.
-        let m: HvmModlistEntry =
-            unsafe { ((si.modlist_paddr as usize + i * 32) as *const HvmModlistEntry).read_unaligned() };
-        bi.modules[bi.nmodules] = Module { start: m.paddr, len: m.size };
+        let m: HvmModlistEntry = unsafe {
+            ((si.modlist_paddr as usize + i * 32) as *const HvmModlistEntry).read_unaligned()
+        };
+        bi.modules[bi.nmodules] = Module {
+            start: m.paddr,
+            len: m.size,
+        };
         bi.nmodules += 1;
     }
     if si.cmdline_paddr != 0 {

@@ -78,7 +78,13 @@ impl log::Log for Logger {
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {
             let t = crate::time::uptime_ms();
-            write_fmt(format_args!("(HV) [{:4}.{:03}] {:5} {}\n", t / 1000, t % 1000, r.level(), r.args()));
+            write_fmt(format_args!(
+                "(HV) [{:4}.{:03}] {:5} {}\n",
+                t / 1000,
+                t % 1000,
+                r.level(),
+                r.args()
+            ));
         }
     }
     fn flush(&self) {}

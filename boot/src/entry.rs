@@ -102,12 +102,13 @@ _start32:
     mov cr0, eax
 
     lgdt [boot_gdt_ptr]
+    mov eax, offset ferrovisor_long_mode
     push 0x08
-    push offset 3f
+    push eax
     retf
 
     .code64
-3:
+ferrovisor_long_mode:
     mov ax, 0x10
     mov ds, ax
     mov es, ax

@@ -156,13 +156,38 @@ pub struct Frame {
 }
 
 const NAMES: [&str; 32] = [
-    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow", "#BR bound range",
-    "#UD invalid opcode", "#NM device not available", "#DF double fault", "coprocessor overrun",
-    "#TS invalid TSS", "#NP segment not present", "#SS stack fault", "#GP general protection",
-    "#PF page fault", "reserved 15", "#MF x87 error", "#AC alignment check", "#MC machine check",
-    "#XM SIMD error", "#VE virtualization", "#CP control protection", "reserved 22", "reserved 23",
-    "reserved 24", "reserved 25", "reserved 26", "reserved 27", "#HV hypervisor injection",
-    "#VC VMM communication", "#SX security", "reserved 31",
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved 15",
+    "#MF x87 error",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD error",
+    "#VE virtualization",
+    "#CP control protection",
+    "reserved 22",
+    "reserved 23",
+    "reserved 24",
+    "reserved 25",
+    "reserved 26",
+    "reserved 27",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security",
+    "reserved 31",
 ];
 
 extern "C" fn exception_handler(f: &Frame) -> ! {
@@ -200,7 +225,8 @@ pub fn init() {
         let tss = &mut *(&raw mut TSS);
         tss.interrupt_stack_table[0] =
             VirtAddr::new(((&raw const EXC_STACK) as u64) + IST_SIZE as u64);
-        tss.interrupt_stack_table[1] = VirtAddr::new(((&raw const DF_STACK) as u64) + IST_SIZE as u64);
+        tss.interrupt_stack_table[1] =
+            VirtAddr::new(((&raw const DF_STACK) as u64) + IST_SIZE as u64);
         let gdt = &mut *(&raw mut GDT);
         let code = gdt.append(Descriptor::kernel_code_segment());
         let data = gdt.append(Descriptor::kernel_data_segment());

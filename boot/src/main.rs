@@ -42,22 +42,36 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
             console::set_level(l);
         }
     }
-    log::info!("booted by {}, command line \"{cmdline}\", TSC {} kHz", bi.protocol, time::tsc_per_ms());
+    log::info!(
+        "booted by {}, command line \"{cmdline}\", TSC {} kHz",
+        bi.protocol,
+        time::tsc_per_ms()
+    );
     let (top, free) = match memory::init(&bi) {
         Ok(x) => x,
         Err(e) => fatal!("cannot set up memory: {e:?}"),
     };
-    log::info!("RAM up to {:#x}, {} MiB free after the heap ({} MiB)", top, free >> 20, memory::HEAP_SIZE >> 20);
+    log::info!(
+        "RAM up to {:#x}, {} MiB free after the heap ({} MiB)",
+        top,
+        free >> 20,
+        memory::HEAP_SIZE >> 20
+    );
     match acpi_info::discover(bi.rsdp) {
         Some(a) => log::info!(
             "ACPI: {} CPU(s) in the MADT; DMAR {}; SRAT {}; MCFG {}",
             a.cpus,
-            a.dmar.map_or("absent".into(), |x| alloc::format!("at {x:#x}")),
-            a.srat.map_or("absent".into(), |x| alloc::format!("at {x:#x}")),
-            a.mcfg.map_or("absent".into(), |x| alloc::format!("at {x:#x}"))
+            a.dmar
+                .map_or("absent".into(), |x| alloc::format!("at {x:#x}")),
+            a.srat
+                .map_or("absent".into(), |x| alloc::format!("at {x:#x}")),
+            a.mcfg
+                .map_or("absent".into(), |x| alloc::format!("at {x:#x}"))
         ),
         None => log::warn!("continuing without ACPI"),
     }
+
+    mask_legacy_pic();
 
     let features = match svm::detect() {
         Ok(f) => f,
@@ -76,7 +90,11 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     log::info!(
         "SVM enabled: nested paging, {} ASIDs, next-RIP {}, FPU switch {:?}",
         features.asids,
-        if features.nrips { "reported" } else { "decoded by the hypervisor" },
+        if features.nrips {
+            "reported"
+        } else {
+            "decoded by the hypervisor"
+        },
         cpu.fpu
     );
 
@@ -89,9 +107,24 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     match hypervisor::run::run_bundle(bundle, &cpu) {
         Ok(o) => {
             log::info!("all domains finished: {} ok, {} failed", o.ok, o.failed);
-            platform::exit(if o.failed == 0 { ExitCode::Success } else { ExitCode::DomainFailed })
+            platform::exit(if o.failed == 0 {
+                ExitCode::Success
+            } else {
+                ExitCode::DomainFailed
+            })
         }
         Err(msg) => fatal!("{msg}"),
+    }
+}
+
+/// Masks every line of the two legacy 8259 PICs. Host interrupts are not used: a
+/// physical interrupt pending while a guest runs would exit to the hypervisor forever.
+fn mask_legacy_pic() {
+    // SAFETY: the PIC data ports belong to the hypervisor; masking all lines only stops
+    // interrupts nobody handles.
+    unsafe {
+        hypervisor::arch::x86::outb(0x21, 0xff);
+        hypervisor::arch::x86::outb(0xa1, 0xff);
     }
 }
 

@@ -17,11 +17,15 @@ unsafe extern "C" {
 }
 
 #[global_allocator]
-static HEAP: talc::TalcLock<spin::Mutex<()>, talc::source::Manual> = talc::TalcLock::new(talc::source::Manual);
+static HEAP: talc::TalcLock<spin::Mutex<()>, talc::source::Manual> =
+    talc::TalcLock::new(talc::source::Manual);
 
 /// Physical range of the image.
 pub fn image_range() -> (u64, u64) {
-    ((&raw const __image_start) as u64, (&raw const __image_end) as u64)
+    (
+        (&raw const __image_start) as u64,
+        (&raw const __image_end) as u64,
+    )
 }
 
 /// Why memory could not be set up.
@@ -55,7 +59,11 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 
 /// Sets up the frame allocator and the heap. Returns (top of RAM, free bytes).
 pub fn init(bi: &BootInfo) -> Result<(u64, u64), MemError> {
-    let ram = || bi.regions().iter().filter(|r| r.kind == abi::start_info::MEMMAP_TYPE_RAM);
+    let ram = || {
+        bi.regions()
+            .iter()
+            .filter(|r| r.kind == abi::start_info::MEMMAP_TYPE_RAM)
+    };
     let top = ram().map(|r| r.end).max().ok_or(MemError::NoMemoryMap)?;
     let nframes = top / FRAME_SIZE;
     let words = FrameAllocator::words_for(nframes);
@@ -79,7 +87,8 @@ pub fn init(bi: &BootInfo) -> Result<(u64, u64), MemError> {
     // SAFETY: [at, at+bytes) is RAM (from the memory map), identity-mapped by the boot
     // page tables (below 4 GiB on every machine we boot: it is the first fit above 1
     // MiB) and overlaps nothing reserved; it is owned by the allocator from here on.
-    let bits: &'static mut [u64] = unsafe { core::slice::from_raw_parts_mut(at as *mut u64, words) };
+    let bits: &'static mut [u64] =
+        unsafe { core::slice::from_raw_parts_mut(at as *mut u64, words) };
     let mut fa = FrameAllocator::new(bits, nframes);
     for r in ram() {
         fa.add_free(r.start, r.end);
@@ -111,7 +120,12 @@ fn extend_identity_map(top: u64) {
     }
     let mut pm = HostPhysMem;
     let mut pt = PageTable::<X86>::from_root(hypervisor::arch::x86::cr3() & !0xfff, 4);
-    let rw = Perms { read: true, write: true, exec: true, user: false };
+    let rw = Perms {
+        read: true,
+        write: true,
+        exec: true,
+        user: false,
+    };
     let len = top.next_multiple_of(2 << 20) - FOUR_GIB;
     if let Err(e) = pt.map_range(&mut pm, FOUR_GIB, FOUR_GIB, len, rw, PageSize::Size2M) {
         log::warn!("cannot identity-map RAM above 4 GiB ({e}); it stays unused");

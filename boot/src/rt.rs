@@ -2,17 +2,19 @@
 //! calls (the linux-gnu compiler_builtins does not export them) and the unwinding
 //! personality precompiled `core` refers to.
 //!
-//! The loops use volatile accesses so LLVM cannot recognise them and lower them back
-//! into calls to themselves.
+//! They are written with `rep movsb`/`rep stosb` and volatile loops, which LLVM cannot
+//! recognise and lower back into calls to themselves.
 
 /// # Safety
 /// As C's `memcpy`: valid, non-overlapping ranges of `n` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    for i in 0..n {
-        // SAFETY: the caller guarantees both ranges are valid for n bytes.
-        unsafe { dest.add(i).write_volatile(src.add(i).read_volatile()) };
-    }
+    // SAFETY: the caller guarantees both ranges are valid for n bytes; `rep movsb`
+    // copies forwards with the direction flag clear (the ABI keeps it clear).
+    unsafe {
+        core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") dest => _,
+                         inout("rsi") src => _, options(nostack, preserves_flags))
+    };
     dest
 }
 
@@ -20,17 +22,14 @@ pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut
 /// As C's `memmove`: valid ranges of `n` bytes, possibly overlapping.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    if (dest as usize) < (src as usize) {
-        for i in 0..n {
-            // SAFETY: the caller guarantees both ranges are valid; copying forwards is
-            // correct when dest lies below src.
-            unsafe { dest.add(i).write_volatile(src.add(i).read_volatile()) };
-        }
-    } else {
-        for i in (0..n).rev() {
-            // SAFETY: as above; copying backwards is correct when dest lies above src.
-            unsafe { dest.add(i).write_volatile(src.add(i).read_volatile()) };
-        }
+    if (dest as usize) <= (src as usize) || (dest as usize) >= (src as usize).wrapping_add(n) {
+        // SAFETY: no harmful overlap for a forward copy.
+        return unsafe { memcpy(dest, src, n) };
+    }
+    for i in (0..n).rev() {
+        // SAFETY: the caller guarantees both ranges are valid; copying backwards is
+        // correct when dest lies above src.
+        unsafe { dest.add(i).write_volatile(src.add(i).read_volatile()) };
     }
     dest
 }
@@ -39,10 +38,11 @@ pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mu
 /// As C's `memset`: a valid range of `n` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
-    for i in 0..n {
-        // SAFETY: the caller guarantees the range is valid for n bytes.
-        unsafe { dest.add(i).write_volatile(c as u8) };
-    }
+    // SAFETY: the caller guarantees the range is valid for n bytes.
+    unsafe {
+        core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") dest => _,
+                         in("al") c as u8, options(nostack, preserves_flags))
+    };
     dest
 }
 
@@ -71,3 +71,11 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 /// Precompiled `core` references the personality routine; the image never unwinds.
 #[unsafe(no_mangle)]
 pub extern "C" fn rust_eh_personality() {}
+
+/// Precompiled `alloc` was built with unwinding and references this; with
+/// `panic = "abort"` no unwinding ever starts, so reaching it is a bug.
+#[unsafe(no_mangle)]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    crate::console::force_write_fmt(format_args!("PANIC: _Unwind_Resume called in an abort-only image\n"));
+    crate::platform::exit(crate::platform::ExitCode::Crash)
+}

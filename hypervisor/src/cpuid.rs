@@ -25,7 +25,12 @@ pub struct GuestView {
 }
 
 /// The guest's CPUID for `leaf`/`subleaf`; `host` runs the real instruction.
-pub fn guest_cpuid(leaf: u32, subleaf: u32, view: GuestView, host: impl Fn(u32, u32) -> [u32; 4]) -> [u32; 4] {
+pub fn guest_cpuid(
+    leaf: u32,
+    subleaf: u32,
+    view: GuestView,
+    host: impl Fn(u32, u32) -> [u32; 4],
+) -> [u32; 4] {
     match leaf {
         HV_BASE => [
             HV_MAX,
@@ -51,8 +56,15 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, view: GuestView, host: impl Fn(u32, 
         7 if subleaf == 0 => {
             let [eax, mut ebx, mut ecx, edx] = host(7, 0);
             // AVX-512 family (state components the guest cannot enable), Intel PT.
-            ebx &= !((1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28)
-                | (1 << 30) | (1 << 31) | (1 << 25));
+            ebx &= !((1 << 16)
+                | (1 << 17)
+                | (1 << 21)
+                | (1 << 26)
+                | (1 << 27)
+                | (1 << 28)
+                | (1 << 30)
+                | (1 << 31)
+                | (1 << 25));
             ecx &= !((1 << 3) | (1 << 4) | (1 << 1)); // PKU, OSPKE, AVX512_VBMI
             [eax, ebx, ecx, edx]
         }
@@ -79,7 +91,12 @@ fn xsave_leaf(subleaf: u32, xcr0: u64, host: &impl Fn(u32, u32) -> [u32; 4]) -> 
             .fold(576, u32::max)
     };
     match subleaf {
-        0 => [supported as u32, size_for(xcr0 & supported), size_for(supported), 0],
+        0 => [
+            supported as u32,
+            size_for(xcr0 & supported),
+            size_for(supported),
+            0,
+        ],
         1 => {
             let [eax, _, _, _] = host(0xd, 1);
             // XSAVEOPT and XGETBV1 only: XSAVES needs IA32_XSS, which is not offered.
@@ -96,7 +113,12 @@ mod tests {
 
     fn host(leaf: u32, sub: u32) -> [u32; 4] {
         match (leaf, sub) {
-            (1, _) => [0x0006_0fb1, 0x0102_0800, 0xfffa_3223 | (1 << 5), 0x178b_fbff],
+            (1, _) => [
+                0x0006_0fb1,
+                0x0102_0800,
+                0xfffa_3223 | (1 << 5),
+                0x178b_fbff,
+            ],
             (0xd, 0) => [0xe7, 0x340, 0x980, 0],
             (0xd, 1) => [0xf, 0, 0, 0],
             (0xd, 2) => [256, 576, 0, 0],
@@ -106,7 +128,11 @@ mod tests {
         }
     }
 
-    const VIEW: GuestView = GuestView { osxsave: false, xcr0: 1, apic_id: 3 };
+    const VIEW: GuestView = GuestView {
+        osxsave: false,
+        xcr0: 1,
+        apic_id: 3,
+    };
 
     #[test]
     fn hypervisor_leaves_say_xen() {
@@ -128,7 +154,10 @@ mod tests {
         assert_eq!(ecx & (1 << 5), 0);
         assert_eq!(ecx & (1 << 27), 0);
         assert_eq!(ebx >> 24, 3);
-        let v = GuestView { osxsave: true, ..VIEW };
+        let v = GuestView {
+            osxsave: true,
+            ..VIEW
+        };
         assert_ne!(guest_cpuid(1, 0, v, host)[2] & (1 << 27), 0);
     }
 
@@ -153,6 +182,9 @@ mod tests {
 
     #[test]
     fn other_leaves_pass_through() {
-        assert_eq!(guest_cpuid(0x8000_0008, 0, VIEW, host), [0x8000_0008, 0, 0xdead, 0xbeef]);
+        assert_eq!(
+            guest_cpuid(0x8000_0008, 0, VIEW, host),
+            [0x8000_0008, 0, 0xdead, 0xbeef]
+        );
     }
 }

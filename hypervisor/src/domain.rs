@@ -7,7 +7,9 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use abi::start_info::{HvmMemmapEntry, HvmModlistEntry, HvmStartInfo, HVM_START_MAGIC, MEMMAP_TYPE_RAM};
+use abi::start_info::{
+    HvmMemmapEntry, HvmModlistEntry, HvmStartInfo, HVM_START_MAGIC, MEMMAP_TYPE_RAM,
+};
 
 use crate::arch::phys::HostPhysMem;
 use crate::arch::svm::{PvhEntry, SvmCpu, SvmVcpu};
@@ -82,11 +84,18 @@ pub enum BuildError {
     /// A file the config names is not in the boot bundle.
     MissingFile { what: &'static str, path: String },
     /// The kernel is not a loadable PVH image.
-    Kernel { path: String, error: loader::LoadError },
+    Kernel {
+        path: String,
+        error: loader::LoadError,
+    },
     /// Not enough memory.
     OutOfMemory { wanted: u64, free: u64 },
     /// The ramdisk or boot information does not fit in the domain's memory.
-    TooSmall { what: &'static str, need: u64, have: u64 },
+    TooSmall {
+        what: &'static str,
+        need: u64,
+        have: u64,
+    },
     /// Nested page tables could not be built.
     Paging(String),
 }
@@ -122,17 +131,30 @@ impl Domain {
     /// Builds a domain from `config`, taking files from the boot `bundle`: allocates
     /// memory, loads the PVH kernel (and ramdisk), writes `hvm_start_info`, builds the
     /// nested page tables and vCPU 0 at the kernel's PVH entry.
-    pub fn build(id: u16, config: DomainConfig, bundle: &[u8], cpu: &SvmCpu) -> Result<Domain, BuildError> {
+    pub fn build(
+        id: u16,
+        config: DomainConfig,
+        bundle: &[u8],
+        cpu: &SvmCpu,
+    ) -> Result<Domain, BuildError> {
         let find = |what: &'static str, path: &str| match crate::bundle::find(bundle, path) {
             Ok(Some(d)) => Ok(d),
-            _ => Err(BuildError::MissingFile { what, path: path.into() }),
+            _ => Err(BuildError::MissingFile {
+                what,
+                path: path.into(),
+            }),
         };
         let kernel = find("kernel", &config.kernel)?;
-        let kerr = |error| BuildError::Kernel { path: config.kernel.clone(), error };
+        let kerr = |error| BuildError::Kernel {
+            path: config.kernel.clone(),
+            error,
+        };
         let plan = loader::parse_pvh(kernel).map_err(kerr)?;
         let size = config.memory_mib << 20;
-        let mut mem = GuestMemory::allocate(size)
-            .map_err(|e| BuildError::OutOfMemory { wanted: e.wanted, free: e.free })?;
+        let mut mem = GuestMemory::allocate(size).map_err(|e| BuildError::OutOfMemory {
+            wanted: e.wanted,
+            free: e.free,
+        })?;
         loader::load(&plan, kernel, &mut mem, size).map_err(kerr)?;
 
         // Boot information goes in the pages after the kernel (and ramdisk): the
@@ -143,20 +165,38 @@ impl Domain {
             let rd = find("ramdisk", path)?;
             let end = next + rd.len() as u64;
             if end > size || !mem.write(next, rd) {
-                return Err(BuildError::TooSmall { what: "ramdisk", need: end, have: size });
+                return Err(BuildError::TooSmall {
+                    what: "ramdisk",
+                    need: end,
+                    have: size,
+                });
             }
-            modules.push(HvmModlistEntry { paddr: next, size: rd.len() as u64, cmdline_paddr: 0, reserved: 0 });
+            modules.push(HvmModlistEntry {
+                paddr: next,
+                size: rd.len() as u64,
+                cmdline_paddr: 0,
+                reserved: 0,
+            });
             next = page_up(end);
         }
         let info_gpa = next;
-        let memmap = [HvmMemmapEntry { addr: 0, size, type_: MEMMAP_TYPE_RAM, reserved: 0 }];
+        let memmap = [HvmMemmapEntry {
+            addr: 0,
+            size,
+            type_: MEMMAP_TYPE_RAM,
+            reserved: 0,
+        }];
         let modlist_gpa = info_gpa + 64;
         let memmap_gpa = modlist_gpa + 32 * modules.len() as u64;
         let cmdline_gpa = memmap_gpa + 24 * memmap.len() as u64;
         let cmdline = config.cmdline.as_bytes();
         let info_end = cmdline_gpa + cmdline.len() as u64 + 1;
         if info_end > size.min(1 << 30) {
-            return Err(BuildError::TooSmall { what: "boot information", need: info_end, have: size });
+            return Err(BuildError::TooSmall {
+                what: "boot information",
+                need: info_end,
+                have: size,
+            });
         }
         let info = HvmStartInfo {
             magic: HVM_START_MAGIC,
@@ -187,21 +227,45 @@ impl Domain {
         blob.extend_from_slice(cmdline);
         blob.push(0);
         if !mem.write(info_gpa, &blob) {
-            return Err(BuildError::TooSmall { what: "boot information", need: info_end, have: size });
+            return Err(BuildError::TooSmall {
+                what: "boot information",
+                need: info_end,
+                have: size,
+            });
         }
 
         let mut pm = HostPhysMem;
-        let mut npt = PageTable::<Npt>::new(&mut pm, 4).map_err(|e| BuildError::Paging(format!("{e}")))?;
-        let rwx = Perms { read: true, write: true, exec: true, user: true };
+        let mut npt =
+            PageTable::<Npt>::new(&mut pm, 4).map_err(|e| BuildError::Paging(format!("{e}")))?;
+        let rwx = Perms {
+            read: true,
+            write: true,
+            exec: true,
+            user: true,
+        };
         for e in mem.extents() {
-            let max = if e.gpa % CHUNK == 0 && e.hpa % CHUNK == 0 { PageSize::Size2M } else { PageSize::Size4K };
+            let max = if e.gpa % CHUNK == 0 && e.hpa % CHUNK == 0 {
+                PageSize::Size2M
+            } else {
+                PageSize::Size4K
+            };
             npt.map_range(&mut pm, e.gpa, e.hpa, e.len, rwx, max)
                 .map_err(|e| BuildError::Paging(format!("{e}")))?;
         }
 
-        let entry = PvhEntry { entry: plan.entry, start_info: info_gpa };
+        let entry = PvhEntry {
+            entry: plan.entry,
+            start_info: info_gpa,
+        };
         let vcpus = (0..config.vcpus.max(1))
-            .map(|i| Box::new(SvmVcpu::new_pvh(cpu, u32::from(id) * 256 + i + 1, npt.root(), &entry)))
+            .map(|i| {
+                Box::new(SvmVcpu::new_pvh(
+                    cpu,
+                    u32::from(id) * 256 + i + 1,
+                    npt.root(),
+                    &entry,
+                ))
+            })
             .collect();
         log::info!(
             "d{id} ({}): {} MiB, {} vCPU(s), kernel '{}' entry {:#x}, start_info at {:#x}, cmdline \"{}\"",
@@ -267,7 +331,13 @@ impl DomainCore {
         let line: String = self
             .console
             .iter()
-            .map(|&c| if (0x20..0x7f).contains(&c) || c == b'\t' { c as char } else { '.' })
+            .map(|&c| {
+                if (0x20..0x7f).contains(&c) || c == b'\t' {
+                    c as char
+                } else {
+                    '.'
+                }
+            })
             .collect();
         crate::console::guest_line(self.id, &line);
         self.console.clear();

@@ -106,13 +106,21 @@ pub fn decode(bytes: &[u8], bitness: u32) -> Result<Decoded, EmulError> {
     let mem_size = i.memory_size().size() as u8;
     let access = match (i.mnemonic(), i.op0_kind(), i.op_count()) {
         (Mnemonic::Mov, OpKind::Register, 2) if i.op1_kind() == OpKind::Memory => {
-            let Some((reg, size, high8)) = gpr(i.op0_register()) else { return unsupported };
-            Access::Load { size: mem_size, dest: RegDest { reg, size, high8 }, sign_extend: false }
+            let Some((reg, size, high8)) = gpr(i.op0_register()) else {
+                return unsupported;
+            };
+            Access::Load {
+                size: mem_size,
+                dest: RegDest { reg, size, high8 },
+                sign_extend: false,
+            }
         }
         (Mnemonic::Movzx | Mnemonic::Movsx | Mnemonic::Movsxd, OpKind::Register, 2)
             if i.op1_kind() == OpKind::Memory =>
         {
-            let Some((reg, size, high8)) = gpr(i.op0_register()) else { return unsupported };
+            let Some((reg, size, high8)) = gpr(i.op0_register()) else {
+                return unsupported;
+            };
             Access::Load {
                 size: mem_size,
                 dest: RegDest { reg, size, high8 },
@@ -121,17 +129,23 @@ pub fn decode(bytes: &[u8], bitness: u32) -> Result<Decoded, EmulError> {
         }
         (Mnemonic::Mov, OpKind::Memory, 2) => match i.op1_kind() {
             OpKind::Register => {
-                let Some((reg, _, high8)) = gpr(i.op1_register()) else { return unsupported };
-                Access::Store { size: mem_size, value: StoreValue::Reg(reg, high8) }
+                let Some((reg, _, high8)) = gpr(i.op1_register()) else {
+                    return unsupported;
+                };
+                Access::Store {
+                    size: mem_size,
+                    value: StoreValue::Reg(reg, high8),
+                }
             }
             OpKind::Immediate8
             | OpKind::Immediate16
             | OpKind::Immediate32
             | OpKind::Immediate32to64
             | OpKind::Immediate8to32
-            | OpKind::Immediate8to64 => {
-                Access::Store { size: mem_size, value: StoreValue::Imm(i.immediate(1)) }
-            }
+            | OpKind::Immediate8to64 => Access::Store {
+                size: mem_size,
+                value: StoreValue::Imm(i.immediate(1)),
+            },
             _ => return unsupported,
         },
         _ => return unsupported,
@@ -189,48 +203,118 @@ mod tests {
         assert_eq!(d.len, 2);
         assert_eq!(
             d.access,
-            Access::Load { size: 4, dest: RegDest { reg: 0, size: 4, high8: false }, sign_extend: false }
+            Access::Load {
+                size: 4,
+                dest: RegDest {
+                    reg: 0,
+                    size: 4,
+                    high8: false
+                },
+                sign_extend: false
+            }
         );
-        assert_eq!(apply_load(u64::MAX, 0xffff_ffff, 4, RegDest { reg: 0, size: 4, high8: false }, false), 0xffff_ffff);
+        assert_eq!(
+            apply_load(
+                u64::MAX,
+                0xffff_ffff,
+                4,
+                RegDest {
+                    reg: 0,
+                    size: 4,
+                    high8: false
+                },
+                false
+            ),
+            0xffff_ffff
+        );
     }
 
     #[test]
     fn stores_from_register_and_immediate() {
         // mov [rdi], ecx
         let d = decode(&[0x89, 0x0f], 64).unwrap();
-        assert_eq!(d.access, Access::Store { size: 4, value: StoreValue::Reg(1, false) });
+        assert_eq!(
+            d.access,
+            Access::Store {
+                size: 4,
+                value: StoreValue::Reg(1, false)
+            }
+        );
         // mov dword [rax], 0x12345678
         let d = decode(&[0xc7, 0x00, 0x78, 0x56, 0x34, 0x12], 64).unwrap();
         assert_eq!(d.len, 6);
-        assert_eq!(d.access, Access::Store { size: 4, value: StoreValue::Imm(0x1234_5678) });
+        assert_eq!(
+            d.access,
+            Access::Store {
+                size: 4,
+                value: StoreValue::Imm(0x1234_5678)
+            }
+        );
         // mov byte [rax], ah
         let d = decode(&[0x88, 0x20], 64).unwrap();
-        assert_eq!(d.access, Access::Store { size: 1, value: StoreValue::Reg(0, true) });
+        assert_eq!(
+            d.access,
+            Access::Store {
+                size: 1,
+                value: StoreValue::Reg(0, true)
+            }
+        );
         assert_eq!(store_value(StoreValue::Reg(0, true), |_| 0xabcd, 1), 0xab);
     }
 
     #[test]
     fn narrow_loads_merge_and_extend() {
-        let al = RegDest { reg: 0, size: 1, high8: false };
-        assert_eq!(apply_load(0x1122_3344_5566_7788, 0xff, 1, al, false), 0x1122_3344_5566_77ff);
-        let ah = RegDest { reg: 0, size: 1, high8: true };
+        let al = RegDest {
+            reg: 0,
+            size: 1,
+            high8: false,
+        };
+        assert_eq!(
+            apply_load(0x1122_3344_5566_7788, 0xff, 1, al, false),
+            0x1122_3344_5566_77ff
+        );
+        let ah = RegDest {
+            reg: 0,
+            size: 1,
+            high8: true,
+        };
         assert_eq!(apply_load(0x1122, 0xab, 1, ah, false), 0xab22);
         // movzx eax, byte [rbx]
         let d = decode(&[0x0f, 0xb6, 0x03], 64).unwrap();
-        let Access::Load { size, dest, sign_extend } = d.access else { panic!() };
+        let Access::Load {
+            size,
+            dest,
+            sign_extend,
+        } = d.access
+        else {
+            panic!()
+        };
         assert_eq!((size, dest.size, sign_extend), (1, 4, false));
         // movsx rax, word [rbx]
         let d = decode(&[0x48, 0x0f, 0xbf, 0x03], 64).unwrap();
-        let Access::Load { size, dest, sign_extend } = d.access else { panic!() };
+        let Access::Load {
+            size,
+            dest,
+            sign_extend,
+        } = d.access
+        else {
+            panic!()
+        };
         assert_eq!(apply_load(0, 0xffff, size, dest, sign_extend), u64::MAX);
     }
 
     #[test]
     fn other_instructions_are_refused() {
         // add [rax], eax
-        assert!(matches!(decode(&[0x01, 0x00], 64), Err(EmulError::Unsupported(_))));
+        assert!(matches!(
+            decode(&[0x01, 0x00], 64),
+            Err(EmulError::Unsupported(_))
+        ));
         // rep movsb
-        assert!(matches!(decode(&[0xf3, 0xa4], 64), Err(EmulError::Unsupported(_))));
+        assert!(matches!(
+            decode(&[0xf3, 0xa4], 64),
+            Err(EmulError::Unsupported(_))
+        ));
         assert_eq!(decode(&[0x0f], 64), Err(EmulError::Undecodable));
         assert_eq!(decode(&[], 64), Err(EmulError::Undecodable));
     }

@@ -54,14 +54,22 @@ pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu, exit: Exit) -> Flow {
                 apic_id: 0,
             };
             let r = cpuid::guest_cpuid(leaf, sub, view, x86::cpuid);
-            for (i, reg) in [reg::RAX, reg::RBX, reg::RCX, reg::RDX].into_iter().enumerate() {
+            for (i, reg) in [reg::RAX, reg::RBX, reg::RCX, reg::RDX]
+                .into_iter()
+                .enumerate()
+            {
                 cpu.set_reg(reg, u64::from(r[i]));
             }
             skip(d, cpu, None)
         }
         Exit::Io(io) => port_io(d, cpu, io),
         Exit::Msr { write } => msr(d, cpu, write),
-        Exit::NestedPageFault { gpa, write, fetch, present } => npf(d, cpu, gpa, write, fetch, present),
+        Exit::NestedPageFault {
+            gpa,
+            write,
+            fetch,
+            present,
+        } => npf(d, cpu, gpa, write, fetch, present),
         Exit::Hlt => {
             // Xen: halting with interrupts disabled can never be woken (no NMIs are
             // sent to guests), so it is taken as the vCPU going down; with every vCPU
@@ -101,9 +109,16 @@ pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu, exit: Exit) -> Flow {
         ))),
         Exit::Unhandled(code) => {
             if d.first_time(LOG_EXIT, code) {
-                log::warn!("d{}: unhandled exit code {code:#x} at rip {:#x}", d.id, cpu.rip());
+                log::warn!(
+                    "d{}: unhandled exit code {code:#x} at rip {:#x}",
+                    d.id,
+                    cpu.rip()
+                );
             }
-            Flow::End(DomainEnd::Crashed(format!("unhandled exit {code:#x} at rip {:#x}", cpu.rip())))
+            Flow::End(DomainEnd::Crashed(format!(
+                "unhandled exit {code:#x} at rip {:#x}",
+                cpu.rip()
+            )))
         }
     }
 }
@@ -123,10 +138,16 @@ pub fn fetch_instruction(d: &DomainCore, cpu: &dyn GuestCpu) -> ([u8; 15], usize
     let (_, base) = cpu.code_segment();
     let mut buf = [0u8; 15];
     let mut n = 0;
-    let access = WalkAccess { write: false, user: cpu.cpl() == 3, fetch: true };
+    let access = WalkAccess {
+        write: false,
+        user: cpu.cpl() == 3,
+        fetch: true,
+    };
     while n < buf.len() {
         let gva = base.wrapping_add(cpu.rip()).wrapping_add(n as u64);
-        let Ok(gpa) = guest_walk::translate(&cpu.paging(), &d.mem, gva, access) else { break };
+        let Ok(gpa) = guest_walk::translate(&cpu.paging(), &d.mem, gva, access) else {
+            break;
+        };
         // stay within the page
         let room = (4096 - (gpa & 0xfff)) as usize;
         let take = room.min(buf.len() - n);
@@ -163,7 +184,11 @@ pub fn skip(d: &mut DomainCore, cpu: &mut dyn GuestCpu, len: Option<u64>) -> Flo
     };
     let (mode, _) = cpu.code_segment();
     let next = cpu.rip().wrapping_add(len);
-    cpu.set_rip(if mode.bits() == 64 { next } else { next & 0xffff_ffff });
+    cpu.set_rip(if mode.bits() == 64 {
+        next
+    } else {
+        next & 0xffff_ffff
+    });
     Flow::Continue
 }
 
@@ -180,17 +205,24 @@ fn port_io(d: &mut DomainCore, cpu: &mut dyn GuestCpu, io: IoExit) -> Flow {
         // Nothing decodes guest ports yet: reads float high, as on an empty bus.
         d.counters.unclaimed_port_reads += 1;
         let rax = cpu.reg(reg::RAX);
-        cpu.set_reg(reg::RAX, match io.size {
-            4 => m,
-            _ => (rax & !m) | m,
-        });
+        cpu.set_reg(
+            reg::RAX,
+            match io.size {
+                4 => m,
+                _ => (rax & !m) | m,
+            },
+        );
     } else if io.port == abi::ferro::DEBUG_PORT {
         let v = cpu.reg(reg::RAX) & m;
         let bytes = v.to_le_bytes();
         d.counters.debug_port_bytes += u64::from(io.size);
         d.console_write(&bytes[..io.size as usize]);
     } else if d.first_time(LOG_PORT, u64::from(io.port)) {
-        log::debug!("d{}: write to unclaimed port {:#x} dropped (logged once)", d.id, io.port);
+        log::debug!(
+            "d{}: write to unclaimed port {:#x} dropped (logged once)",
+            d.id,
+            io.port
+        );
     }
     cpu.set_rip(io.next_rip.unwrap_or(cpu.rip()));
     if io.next_rip.is_none() {
@@ -235,7 +267,14 @@ fn gp_for_msr(d: &mut DomainCore, cpu: &mut dyn GuestCpu, m: u32, why: &str) -> 
     Flow::Continue
 }
 
-fn npf(d: &mut DomainCore, cpu: &mut dyn GuestCpu, gpa: u64, write: bool, fetch: bool, present: bool) -> Flow {
+fn npf(
+    d: &mut DomainCore,
+    cpu: &mut dyn GuestCpu,
+    gpa: u64,
+    write: bool,
+    fetch: bool,
+    present: bool,
+) -> Flow {
     if present || gpa < d.mem.size() {
         return Flow::End(DomainEnd::Crashed(format!(
             "nested page fault on guest RAM at {gpa:#x} ({}): nested tables are inconsistent",
@@ -259,26 +298,46 @@ fn npf(d: &mut DomainCore, cpu: &mut dyn GuestCpu, gpa: u64, write: bool, fetch:
         }
     };
     match decoded.access {
-        Access::Load { size, dest, sign_extend } => {
+        Access::Load {
+            size,
+            dest,
+            sign_extend,
+        } => {
             d.counters.unbacked_reads += 1;
             let old = cpu.reg(dest.reg);
-            cpu.set_reg(dest.reg, emulate::apply_load(old, emulate::mask(size), size, dest, sign_extend));
+            cpu.set_reg(
+                dest.reg,
+                emulate::apply_load(old, emulate::mask(size), size, dest, sign_extend),
+            );
         }
         Access::Store { .. } => d.counters.unbacked_writes += 1,
     }
     if d.first_time(LOG_EXIT, gpa | 1 << 63) {
-        log::debug!("d{}: access to unbacked gpa {gpa:#x} emulated (reads ~0, writes dropped)", d.id);
+        log::debug!(
+            "d{}: access to unbacked gpa {gpa:#x} emulated (reads ~0, writes dropped)",
+            d.id
+        );
     }
     skip(d, cpu, Some(u64::from(decoded.len)))
 }
 
 /// Reads a guest-virtual buffer for a hypercall (one copy; `Err` = -EFAULT).
-pub fn copy_from_guest(d: &DomainCore, cpu: &dyn GuestCpu, gva: u64, buf: &mut [u8]) -> Result<(), ()> {
+pub fn copy_from_guest(
+    d: &DomainCore,
+    cpu: &dyn GuestCpu,
+    gva: u64,
+    buf: &mut [u8],
+) -> Result<(), ()> {
     guest_walk::copy_from_guest(&cpu.paging(), &d.mem, gva, buf).map_err(|_| ())
 }
 
 /// Writes a guest-virtual buffer for a hypercall (`Err` = -EFAULT).
-pub fn copy_to_guest(d: &mut DomainCore, cpu: &dyn GuestCpu, gva: u64, data: &[u8]) -> Result<(), ()> {
+pub fn copy_to_guest(
+    d: &mut DomainCore,
+    cpu: &dyn GuestCpu,
+    gva: u64,
+    data: &[u8],
+) -> Result<(), ()> {
     let p = cpu.paging();
     guest_walk::copy_to_guest(&p, &mut d.mem, gva, data).map_err(|_| ())
 }

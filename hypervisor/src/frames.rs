@@ -20,7 +20,12 @@ impl<'a> FrameAllocator<'a> {
     pub fn new(bits: &'a mut [u64], frames: u64) -> Self {
         let frames = frames.min(bits.len() as u64 * 64);
         bits.fill(0);
-        FrameAllocator { bits, frames, free: 0, hint: 0 }
+        FrameAllocator {
+            bits,
+            frames,
+            free: 0,
+            hint: 0,
+        }
     }
 
     /// Words of bitmap needed for `frames` frames.
@@ -120,9 +125,16 @@ impl<'a> FrameAllocator<'a> {
     /// On a double free or an address outside the bitmap: both are hypervisor bugs.
     pub fn free(&mut self, pa: u64, count: u64) {
         let first = pa / FRAME_SIZE;
-        assert!(pa % FRAME_SIZE == 0 && first + count <= self.frames, "bad frame free {pa:#x}");
+        assert!(
+            pa % FRAME_SIZE == 0 && first + count <= self.frames,
+            "bad frame free {pa:#x}"
+        );
         for f in first..first + count {
-            assert!(!self.is_free(f), "double free of frame {:#x}", f * FRAME_SIZE);
+            assert!(
+                !self.is_free(f),
+                "double free of frame {:#x}",
+                f * FRAME_SIZE
+            );
             self.set(f, true);
         }
         self.free += count;
@@ -217,5 +229,8 @@ pub fn free(pa: u64, count: u64) {
 
 /// Free frames in the machine's allocator.
 pub fn free_count() -> u64 {
-    GLOBAL.lock().as_ref().map_or(0, FrameAllocator::free_frames)
+    GLOBAL
+        .lock()
+        .as_ref()
+        .map_or(0, FrameAllocator::free_frames)
 }

@@ -106,9 +106,17 @@ pub struct Access {
 
 impl Access {
     /// A supervisor data read.
-    pub const READ: Access = Access { write: false, user: false, fetch: false };
+    pub const READ: Access = Access {
+        write: false,
+        user: false,
+        fetch: false,
+    };
     /// A supervisor data write.
-    pub const WRITE: Access = Access { write: true, user: false, fetch: false };
+    pub const WRITE: Access = Access {
+        write: true,
+        user: false,
+        fetch: false,
+    };
 }
 
 /// Why a translation failed (what the guest would see as a page fault, or a state
@@ -176,7 +184,11 @@ struct Rights {
 }
 
 impl Rights {
-    const ALL: Rights = Rights { write: true, user: true, nx: false };
+    const ALL: Rights = Rights {
+        write: true,
+        user: true,
+        nx: false,
+    };
 
     fn add(&mut self, entry: u64) {
         self.write &= entry & RW != 0;
@@ -203,8 +215,14 @@ fn read_entry(mem: &impl GuestPhys, gpa: u64) -> Result<u64, WalkError> {
 }
 
 fn read_entry32(mem: &impl GuestPhys, gpa: u64) -> Result<u64, WalkError> {
-    let word = mem.read_u64(gpa & !7).ok_or(WalkError::TableNotRam { gpa })?;
-    Ok(if gpa & 4 != 0 { word >> 32 } else { word & 0xffff_ffff })
+    let word = mem
+        .read_u64(gpa & !7)
+        .ok_or(WalkError::TableNotRam { gpa })?;
+    Ok(if gpa & 4 != 0 {
+        word >> 32
+    } else {
+        word & 0xffff_ffff
+    })
 }
 
 /// Translates guest-virtual `gva` to guest-physical for `access`, as the guest CPU
@@ -219,7 +237,11 @@ pub fn translate(
     access: Access,
 ) -> Result<u64, WalkError> {
     match p.mode() {
-        Mode::Off => Ok(if p.efer & EFER_LMA != 0 { gva } else { gva & 0xffff_ffff }),
+        Mode::Off => Ok(if p.efer & EFER_LMA != 0 {
+            gva
+        } else {
+            gva & 0xffff_ffff
+        }),
         Mode::Bits32 => walk32(p, mem, gva & 0xffff_ffff, access),
         Mode::Pae => walk_pae(p, mem, gva & 0xffff_ffff, access),
         Mode::Long4 => {
@@ -360,7 +382,9 @@ pub fn copy_from_guest(
 ) -> Result<(), WalkError> {
     for (off, cur, n) in chunks(gva, buf.len()) {
         let gpa = translate(p, mem, cur, Access::READ)?;
-        let part = buf.get_mut(off..off + n).ok_or(WalkError::DataNotRam { gpa })?;
+        let part = buf
+            .get_mut(off..off + n)
+            .ok_or(WalkError::DataNotRam { gpa })?;
         mem.read(gpa, part).ok_or(WalkError::DataNotRam { gpa })?;
     }
     Ok(())
@@ -400,7 +424,10 @@ mod tests {
 
     impl Ram {
         fn new(size: usize) -> Self {
-            Ram { bytes: vec![0; size], wrap: false }
+            Ram {
+                bytes: vec![0; size],
+                wrap: false,
+            }
         }
         fn w64(&mut self, gpa: u64, v: u64) {
             self.bytes[gpa as usize..gpa as usize + 8].copy_from_slice(&v.to_le_bytes());
@@ -412,7 +439,11 @@ mod tests {
             if self.bytes.is_empty() {
                 return None;
             }
-            let start = if self.wrap { gpa % self.bytes.len() as u64 } else { gpa };
+            let start = if self.wrap {
+                gpa % self.bytes.len() as u64
+            } else {
+                gpa
+            };
             let start = usize::try_from(start).ok()?;
             let end = start.checked_add(len)?;
             (end <= self.bytes.len()).then_some(start..end)
@@ -429,13 +460,19 @@ mod tests {
 
     impl GuestPhysBytes for Ram {
         fn read(&self, gpa: u64, buf: &mut [u8]) -> Option<()> {
-            assert!((gpa & 0xfff) as usize + buf.len() <= 0x1000, "chunk crosses a page");
+            assert!(
+                (gpa & 0xfff) as usize + buf.len() <= 0x1000,
+                "chunk crosses a page"
+            );
             let r = self.range(gpa, buf.len())?;
             buf.copy_from_slice(&self.bytes[r]);
             Some(())
         }
         fn write(&mut self, gpa: u64, buf: &[u8]) -> Option<()> {
-            assert!((gpa & 0xfff) as usize + buf.len() <= 0x1000, "chunk crosses a page");
+            assert!(
+                (gpa & 0xfff) as usize + buf.len() <= 0x1000,
+                "chunk crosses a page"
+            );
             let r = self.range(gpa, buf.len())?;
             self.bytes[r].copy_from_slice(buf);
             Some(())
@@ -444,12 +481,29 @@ mod tests {
 
     const R: Access = Access::READ;
     const W: Access = Access::WRITE;
-    const UR: Access = Access { write: false, user: true, fetch: false };
-    const UW: Access = Access { write: true, user: true, fetch: false };
-    const X: Access = Access { write: false, user: false, fetch: true };
+    const UR: Access = Access {
+        write: false,
+        user: true,
+        fetch: false,
+    };
+    const UW: Access = Access {
+        write: true,
+        user: true,
+        fetch: false,
+    };
+    const X: Access = Access {
+        write: false,
+        user: false,
+        fetch: true,
+    };
 
     fn regs(cr0: u64, cr3: u64, cr4: u64, efer: u64) -> GuestPaging {
-        GuestPaging { cr0, cr3, cr4, efer }
+        GuestPaging {
+            cr0,
+            cr3,
+            cr4,
+            efer,
+        }
     }
 
     #[test]
@@ -459,7 +513,10 @@ mod tests {
         assert_eq!(p.mode(), Mode::Off);
         assert_eq!(translate(&p, &ram, 0x1234_5678_9abc, UW), Ok(0x5678_9abc));
         let p = regs(0, 0, 0, EFER_LMA);
-        assert_eq!(translate(&p, &ram, 0x1234_5678_9abc, R), Ok(0x1234_5678_9abc));
+        assert_eq!(
+            translate(&p, &ram, 0x1234_5678_9abc, R),
+            Ok(0x1234_5678_9abc)
+        );
     }
 
     /// 32-bit tables: PD at 0x1000, PT at 0x2000.
@@ -483,19 +540,47 @@ mod tests {
         assert_eq!(translate(&p, &ram, 0x0040_8fff, W), Ok(0x9fff));
         assert_eq!(translate(&p, &ram, 0x0081_2345, W), Ok(0x0c01_2345));
         assert_eq!(translate(&p, &ram, 0x00c0_0010, UR), Ok(0x12_0c40_0010));
-        assert_eq!(translate(&p, &ram, 0x0100_0000, R), Err(WalkError::ReservedBit));
+        assert_eq!(
+            translate(&p, &ram, 0x0100_0000, R),
+            Err(WalkError::ReservedBit)
+        );
         // High bits of gva are dropped outside long mode.
         assert_eq!(translate(&p, &ram, 0xffff_ffff_0040_5123, R), Ok(0x7123));
-        assert_eq!(translate(&p, &ram, 0x0000_0000, R), Err(WalkError::NotPresent { level: 2 }));
-        assert_eq!(translate(&p, &ram, 0x0040_7000, R), Err(WalkError::NotPresent { level: 1 }));
+        assert_eq!(
+            translate(&p, &ram, 0x0000_0000, R),
+            Err(WalkError::NotPresent { level: 2 })
+        );
+        assert_eq!(
+            translate(&p, &ram, 0x0040_7000, R),
+            Err(WalkError::NotPresent { level: 1 })
+        );
         // Protection.
-        assert_eq!(translate(&p, &ram, 0x0040_8000, UR), Err(WalkError::Protection));
-        assert_eq!(translate(&p, &ram, 0x0081_0000, UR), Err(WalkError::Protection));
+        assert_eq!(
+            translate(&p, &ram, 0x0040_8000, UR),
+            Err(WalkError::Protection)
+        );
+        assert_eq!(
+            translate(&p, &ram, 0x0081_0000, UR),
+            Err(WalkError::Protection)
+        );
         assert_eq!(translate(&p, &ram, 0x0040_6000, UR), Ok(0x8000));
-        assert_eq!(translate(&p, &ram, 0x0040_6000, UW), Err(WalkError::Protection));
-        assert_eq!(translate(&p, &ram, 0x0040_6000, W), Ok(0x8000), "WP=0: supervisor writes pass");
-        let wp = GuestPaging { cr0: CR0_PG | CR0_WP, ..p };
-        assert_eq!(translate(&wp, &ram, 0x0040_6000, W), Err(WalkError::Protection));
+        assert_eq!(
+            translate(&p, &ram, 0x0040_6000, UW),
+            Err(WalkError::Protection)
+        );
+        assert_eq!(
+            translate(&p, &ram, 0x0040_6000, W),
+            Ok(0x8000),
+            "WP=0: supervisor writes pass"
+        );
+        let wp = GuestPaging {
+            cr0: CR0_PG | CR0_WP,
+            ..p
+        };
+        assert_eq!(
+            translate(&wp, &ram, 0x0040_6000, W),
+            Err(WalkError::Protection)
+        );
         // No NX in 32-bit paging.
         assert_eq!(translate(&p, &ram, 0x0040_5000, X), Ok(0x7000));
         // Without CR4.PSE, PS is ignored: the PDE points at a "table" beyond RAM.
@@ -504,8 +589,14 @@ mod tests {
             translate(&nopse, &ram, 0x0080_0000, R),
             Err(WalkError::TableNotRam { gpa: 0x0c00_0000 })
         );
-        let far = GuestPaging { cr3: 0x8000_0000, ..p };
-        assert_eq!(translate(&far, &ram, 0, R), Err(WalkError::TableNotRam { gpa: 0x8000_0000 }));
+        let far = GuestPaging {
+            cr3: 0x8000_0000,
+            ..p
+        };
+        assert_eq!(
+            translate(&far, &ram, 0, R),
+            Err(WalkError::TableNotRam { gpa: 0x8000_0000 })
+        );
     }
 
     /// PAE: PDPT at 0x3020, PD at 0x4000, PT at 0x5000.
@@ -529,20 +620,47 @@ mod tests {
         assert_eq!(p.mode(), Mode::Pae);
         let g = |pd: u64, pt: u64, off: u64| (1 << 30) | (pd << 21) | (pt << 12) | off;
         assert_eq!(translate(&p, &ram, g(3, 7, 0x10), UW), Ok(0x9010));
-        assert_eq!(translate(&p, &ram, g(4, 0x1f, 0x234), UW), Err(WalkError::Protection));
+        assert_eq!(
+            translate(&p, &ram, g(4, 0x1f, 0x234), UW),
+            Err(WalkError::Protection)
+        );
         assert_eq!(translate(&p, &ram, g(4, 0x1f, 0x234), W), Ok(0x0041_f234));
         assert_eq!(translate(&p, &ram, g(6, 0, 0x1), R), Ok(0x0080_0001));
-        assert_eq!(translate(&p, &ram, g(5, 0, 0), R), Err(WalkError::ReservedBit));
-        assert_eq!(translate(&p, &ram, g(3, 9, 0), R), Err(WalkError::ReservedBit));
+        assert_eq!(
+            translate(&p, &ram, g(5, 0, 0), R),
+            Err(WalkError::ReservedBit)
+        );
+        assert_eq!(
+            translate(&p, &ram, g(3, 9, 0), R),
+            Err(WalkError::ReservedBit)
+        );
         assert_eq!(translate(&p, &ram, 2 << 30, R), Err(WalkError::ReservedBit));
-        assert_eq!(translate(&p, &ram, 0, R), Err(WalkError::NotPresent { level: 3 }));
-        assert_eq!(translate(&p, &ram, g(0, 0, 0), R), Err(WalkError::NotPresent { level: 2 }));
-        assert_eq!(translate(&p, &ram, g(3, 0, 0), R), Err(WalkError::NotPresent { level: 1 }));
+        assert_eq!(
+            translate(&p, &ram, 0, R),
+            Err(WalkError::NotPresent { level: 3 })
+        );
+        assert_eq!(
+            translate(&p, &ram, g(0, 0, 0), R),
+            Err(WalkError::NotPresent { level: 2 })
+        );
+        assert_eq!(
+            translate(&p, &ram, g(3, 0, 0), R),
+            Err(WalkError::NotPresent { level: 1 })
+        );
         // NX without NXE is a reserved bit; with NXE only fetches fail.
-        assert_eq!(translate(&p, &ram, g(3, 8, 0), R), Err(WalkError::ReservedBit));
-        let nxe = GuestPaging { efer: EFER_NXE, ..p };
+        assert_eq!(
+            translate(&p, &ram, g(3, 8, 0), R),
+            Err(WalkError::ReservedBit)
+        );
+        let nxe = GuestPaging {
+            efer: EFER_NXE,
+            ..p
+        };
         assert_eq!(translate(&nxe, &ram, g(3, 8, 0), R), Ok(0xa000));
-        assert_eq!(translate(&nxe, &ram, g(3, 8, 0), X), Err(WalkError::Protection));
+        assert_eq!(
+            translate(&nxe, &ram, g(3, 8, 0), X),
+            Err(WalkError::Protection)
+        );
         assert_eq!(translate(&nxe, &ram, g(3, 7, 0), X), Ok(0x9000));
     }
 
@@ -564,7 +682,15 @@ mod tests {
         ram.w64(0x10000 + 8, 0x11000 | 0x87); // PML4E with PS: reserved
         ram.w64(0x10000 + 511 * 8, 0x11000 | 0x3); // upper half -> same PDPT, supervisor
         ram.w64(0x10000 + 2 * 8, 0x11000 | 0x7 | (1 << 52)); // bits 52+ ignored in long mode
-        (ram, regs(CR0_PG | CR0_WP, 0x10000 | 0x18, CR4_PAE, EFER_LMA | EFER_NXE))
+        (
+            ram,
+            regs(
+                CR0_PG | CR0_WP,
+                0x10000 | 0x18,
+                CR4_PAE,
+                EFER_LMA | EFER_NXE,
+            ),
+        )
     }
 
     #[test]
@@ -575,32 +701,80 @@ mod tests {
         assert_eq!(translate(&p, &ram, 0x4000_1234, R), Ok(0x8000_1234));
         assert_eq!(translate(&p, &ram, 0x7fff_ffff, R), Ok(0xbfff_ffff));
         assert_eq!(translate(&p, &ram, 0x20_5678, UR), Ok(0x40_5678));
-        assert_eq!(translate(&p, &ram, 0x8000_0000, R), Err(WalkError::ReservedBit));
-        assert_eq!(translate(&p, &ram, 0x40_0000, R), Err(WalkError::ReservedBit));
+        assert_eq!(
+            translate(&p, &ram, 0x8000_0000, R),
+            Err(WalkError::ReservedBit)
+        );
+        assert_eq!(
+            translate(&p, &ram, 0x40_0000, R),
+            Err(WalkError::ReservedBit)
+        );
         assert_eq!(translate(&p, &ram, 1 << 39, R), Err(WalkError::ReservedBit));
         assert_eq!(translate(&p, &ram, (2 << 39) | 0x1000, R), Ok(0x20000));
         assert_eq!(translate(&p, &ram, 0xffff_ff80_0000_1010, R), Ok(0x20010));
-        assert_eq!(translate(&p, &ram, 0xffff_ff80_0000_1010, UR), Err(WalkError::Protection));
-        assert_eq!(translate(&p, &ram, 0x0000_8000_0000_0000, R), Err(WalkError::NonCanonical));
-        assert_eq!(translate(&p, &ram, 0xffff_7fff_ffff_f000, R), Err(WalkError::NonCanonical));
-        assert_eq!(translate(&p, &ram, 3 << 39, R), Err(WalkError::NotPresent { level: 4 }));
-        assert_eq!(translate(&p, &ram, 3 << 30, R), Err(WalkError::NotPresent { level: 3 }));
-        assert_eq!(translate(&p, &ram, 3 << 21, R), Err(WalkError::NotPresent { level: 2 }));
-        assert_eq!(translate(&p, &ram, 0, R), Err(WalkError::NotPresent { level: 1 }));
+        assert_eq!(
+            translate(&p, &ram, 0xffff_ff80_0000_1010, UR),
+            Err(WalkError::Protection)
+        );
+        assert_eq!(
+            translate(&p, &ram, 0x0000_8000_0000_0000, R),
+            Err(WalkError::NonCanonical)
+        );
+        assert_eq!(
+            translate(&p, &ram, 0xffff_7fff_ffff_f000, R),
+            Err(WalkError::NonCanonical)
+        );
+        assert_eq!(
+            translate(&p, &ram, 3 << 39, R),
+            Err(WalkError::NotPresent { level: 4 })
+        );
+        assert_eq!(
+            translate(&p, &ram, 3 << 30, R),
+            Err(WalkError::NotPresent { level: 3 })
+        );
+        assert_eq!(
+            translate(&p, &ram, 3 << 21, R),
+            Err(WalkError::NotPresent { level: 2 })
+        );
+        assert_eq!(
+            translate(&p, &ram, 0, R),
+            Err(WalkError::NotPresent { level: 1 })
+        );
         assert_eq!(translate(&p, &ram, 0x2000, W), Err(WalkError::Protection));
         let nowp = GuestPaging { cr0: CR0_PG, ..p };
         assert_eq!(translate(&nowp, &ram, 0x2000, W), Ok(0x21000));
         assert_eq!(translate(&p, &ram, 0x3000, R), Ok(0x22000));
         assert_eq!(translate(&p, &ram, 0x3000, X), Err(WalkError::Protection));
-        let nonxe = GuestPaging { efer: EFER_LMA, ..p };
-        assert_eq!(translate(&nonxe, &ram, 0x3000, R), Err(WalkError::ReservedBit));
-        let la57 = GuestPaging { cr4: CR4_PAE | CR4_LA57, ..p };
+        let nonxe = GuestPaging {
+            efer: EFER_LMA,
+            ..p
+        };
+        assert_eq!(
+            translate(&nonxe, &ram, 0x3000, R),
+            Err(WalkError::ReservedBit)
+        );
+        let la57 = GuestPaging {
+            cr4: CR4_PAE | CR4_LA57,
+            ..p
+        };
         assert_eq!(la57.mode(), Mode::Long5);
-        assert_eq!(translate(&la57, &ram, 0x1000, R), Err(WalkError::Unsupported));
+        assert_eq!(
+            translate(&la57, &ram, 0x1000, R),
+            Err(WalkError::Unsupported)
+        );
         let nopae = GuestPaging { cr4: 0, ..p };
-        assert_eq!(translate(&nopae, &ram, 0x1000, R), Err(WalkError::Unsupported));
-        let far = GuestPaging { cr3: 0x1_0000_0000, ..p };
-        assert_eq!(translate(&far, &ram, 0x1000, R), Err(WalkError::TableNotRam { gpa: 0x1_0000_0000 }));
+        assert_eq!(
+            translate(&nopae, &ram, 0x1000, R),
+            Err(WalkError::Unsupported)
+        );
+        let far = GuestPaging {
+            cr3: 0x1_0000_0000,
+            ..p
+        };
+        assert_eq!(
+            translate(&far, &ram, 0x1000, R),
+            Err(WalkError::TableNotRam { gpa: 0x1_0000_0000 })
+        );
     }
 
     #[test]
@@ -630,7 +804,10 @@ mod tests {
         let (mut ram, p) = setup_long();
         let before = ram.bytes.clone();
         // Second page read-only (WP=1): nothing written at all.
-        assert_eq!(copy_to_guest(&p, &mut ram, 0x1ff0, &[0xaa; 0x20]), Err(WalkError::Protection));
+        assert_eq!(
+            copy_to_guest(&p, &mut ram, 0x1ff0, &[0xaa; 0x20]),
+            Err(WalkError::Protection)
+        );
         assert_eq!(ram.bytes, before);
         // Reading it is fine.
         let mut buf = [0u8; 0x20];
@@ -645,7 +822,10 @@ mod tests {
             copy_from_guest(&p, &ram, 0x5000, &mut buf),
             Err(WalkError::DataNotRam { gpa: 0x100_0000 })
         );
-        assert_eq!(copy_to_guest(&p, &mut ram, 0x5008, &buf), Err(WalkError::DataNotRam { gpa: 0x100_0008 }));
+        assert_eq!(
+            copy_to_guest(&p, &mut ram, 0x5008, &buf),
+            Err(WalkError::DataNotRam { gpa: 0x100_0008 })
+        );
         for e in [
             WalkError::NotPresent { level: 2 },
             WalkError::Protection,
@@ -671,10 +851,21 @@ mod tests {
     }
 
     fn regs_strategy() -> impl Strategy<Value = GuestPaging> {
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u8>()).prop_map(
-            |(cr0, cr3, cr4, efer, pick)| {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u8>(),
+        )
+            .prop_map(|(cr0, cr3, cr4, efer, pick)| {
                 // Bias towards the interesting modes.
-                let mut g = GuestPaging { cr0, cr3, cr4, efer };
+                let mut g = GuestPaging {
+                    cr0,
+                    cr3,
+                    cr4,
+                    efer,
+                };
                 match pick % 4 {
                     0 => {
                         g.cr0 |= CR0_PG;
@@ -694,13 +885,15 @@ mod tests {
                     _ => {}
                 }
                 g
-            },
-        )
+            })
     }
 
     fn access_strategy() -> impl Strategy<Value = Access> {
-        (any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(write, user, fetch)| Access { write, user, fetch })
+        (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(write, user, fetch)| Access {
+            write,
+            user,
+            fetch,
+        })
     }
 
     proptest! {

@@ -40,7 +40,10 @@ pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu) -> Flow {
             }
             _ => {
                 if d.first_time(LOG_HYPERCALL, nr) {
-                    log::info!("d{}: hypercall {nr} is not implemented: -ENOSYS (logged once)", d.id);
+                    log::info!(
+                        "d{}: hypercall {nr} is not implemented: -ENOSYS (logged once)",
+                        d.id
+                    );
                 }
                 Ok(ret(errno::ENOSYS))
             }
@@ -48,7 +51,11 @@ pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu) -> Flow {
     };
     match result {
         Ok(v) => {
-            let v = if cpu.code_segment().0 == CodeMode::Bits64 { v } else { v & 0xffff_ffff };
+            let v = if cpu.code_segment().0 == CodeMode::Bits64 {
+                v
+            } else {
+                v & 0xffff_ffff
+            };
             cpu.set_reg(reg::RAX, v);
             skip(d, cpu, Some(HYPERCALL_INSN_LEN))
         }
@@ -69,7 +76,10 @@ fn xen_version(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
         }
         other => {
             if d.first_time(LOG_HYPERCALL, 0x1_0000 | other) {
-                log::info!("d{}: xen_version sub-op {other} is not implemented: -ENOSYS", d.id);
+                log::info!(
+                    "d{}: xen_version sub-op {other} is not implemented: -ENOSYS",
+                    d.id
+                );
             }
             ret(errno::ENOSYS)
         }
@@ -117,7 +127,10 @@ fn sched_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> Result<u6
         }
         other => {
             if d.first_time(LOG_HYPERCALL, 0x2_0000 | other) {
-                log::info!("d{}: sched_op {other} is not implemented: -ENOSYS (logged once)", d.id);
+                log::info!(
+                    "d{}: sched_op {other} is not implemented: -ENOSYS (logged once)",
+                    d.id
+                );
             }
             Ok(ret(errno::ENOSYS))
         }

@@ -17,15 +17,15 @@ pub mod paging;
 
 #[allow(unsafe_code)]
 pub mod arch;
-pub mod frames;
-pub mod vcpu;
+pub mod console;
 pub mod cpuid;
+pub mod domain;
 pub mod emulate;
+pub mod exits;
+pub mod frames;
+pub mod hypercall;
 #[allow(unsafe_code)] // owns guest frames; copies go through `arch::phys`
 pub mod memory;
-pub mod console;
-pub mod domain;
-pub mod exits;
-pub mod hypercall;
-pub mod testiface;
 pub mod run;
+pub mod testiface;
+pub mod vcpu;

@@ -159,11 +159,11 @@ impl fmt::Display for Size {
         const MIB: u64 = 1 << 20;
         const GIB: u64 = 1 << 30;
         let b = self.0;
-        if b != 0 && b % GIB == 0 {
+        if b != 0 && b.is_multiple_of(GIB) {
             write!(f, "{} GiB", b / GIB)
-        } else if b != 0 && b % MIB == 0 {
+        } else if b != 0 && b.is_multiple_of(MIB) {
             write!(f, "{} MiB", b / MIB)
-        } else if b != 0 && b % KIB == 0 {
+        } else if b != 0 && b.is_multiple_of(KIB) {
             write!(f, "{} KiB", b / KIB)
         } else {
             write!(f, "{b} bytes")
@@ -317,9 +317,19 @@ impl Header {
 }
 
 /// Returns `image[offset..offset + size]`, or a `Truncated` error naming `what`.
-fn slice<'a>(image: &'a [u8], what: &'static str, offset: u64, size: u64) -> Result<&'a [u8], LoadError> {
+fn slice<'a>(
+    image: &'a [u8],
+    what: &'static str,
+    offset: u64,
+    size: u64,
+) -> Result<&'a [u8], LoadError> {
     let len = image.len() as u64;
-    let truncated = LoadError::Truncated { what, offset, need: size, len };
+    let truncated = LoadError::Truncated {
+        what,
+        offset,
+        need: size,
+        len,
+    };
     let end = offset.checked_add(size).ok_or(truncated)?;
     if end > len {
         return Err(truncated);
@@ -344,7 +354,12 @@ fn parse_header(image: &[u8]) -> Result<Header, LoadError> {
     }
     let len = image.len() as u64;
     if image.len() < 16 {
-        return Err(LoadError::Truncated { what: "ELF identification", offset: 0, need: 16, len });
+        return Err(LoadError::Truncated {
+            what: "ELF identification",
+            offset: 0,
+            need: 16,
+            len,
+        });
     }
     let is64 = match image.get(4) {
         Some(&ELFCLASS64) => true,
@@ -395,7 +410,9 @@ fn program_headers<'a>(image: &'a [u8], h: &Header) -> Result<&'a [u8], LoadErro
         return Err(LoadError::NoLoadSegments);
     }
     if h.phentsize < min {
-        return Err(LoadError::BadHeader { what: "program header entry size too small" });
+        return Err(LoadError::BadHeader {
+            what: "program header entry size too small",
+        });
     }
     slice(image, "program headers", h.phoff, h.phnum * h.phentsize)
 }
@@ -407,7 +424,9 @@ fn section_headers<'a>(image: &'a [u8], h: &Header) -> Result<&'a [u8], LoadErro
     }
     let min = if h.is64 { 64 } else { 40 };
     if h.shentsize < min {
-        return Err(LoadError::BadHeader { what: "section header entry size too small" });
+        return Err(LoadError::BadHeader {
+            what: "section header entry size too small",
+        });
     }
     slice(image, "section headers", h.shoff, h.shnum * h.shentsize)
 }
@@ -427,14 +446,24 @@ fn find_pvh_note(notes: &[u8], align: u64) -> Result<Option<u32>, LoadError> {
         let descsz = u64::from(le_u32(notes, at + 4));
         let ntype = le_u32(notes, at + 8);
         let name_start = off + 12;
-        let Some(name_end) = name_start.checked_add(namesz) else { break };
-        let Some(desc_start) = align_up(name_end, align) else { break };
-        let Some(desc_end) = desc_start.checked_add(descsz) else { break };
+        let Some(name_end) = name_start.checked_add(namesz) else {
+            break;
+        };
+        let Some(desc_start) = align_up(name_end, align) else {
+            break;
+        };
+        let Some(desc_end) = desc_start.checked_add(descsz) else {
+            break;
+        };
         if desc_end > total {
             break;
         }
-        let name = notes.get(name_start as usize..name_end as usize).unwrap_or(&[]);
-        let desc = notes.get(desc_start as usize..desc_end as usize).unwrap_or(&[]);
+        let name = notes
+            .get(name_start as usize..name_end as usize)
+            .unwrap_or(&[]);
+        let desc = notes
+            .get(desc_start as usize..desc_end as usize)
+            .unwrap_or(&[]);
         let mut name_trimmed = name;
         while let [rest @ .., 0] = name_trimmed {
             name_trimmed = rest;
@@ -444,7 +473,9 @@ fn find_pvh_note(notes: &[u8], align: u64) -> Result<Option<u32>, LoadError> {
                 4 => Ok(Some(le_u32(desc, 0))),
                 8 => {
                     let v = le_u64(desc, 0);
-                    u32::try_from(v).map(Some).map_err(|_| LoadError::PvhEntryAbove4G { entry: v })
+                    u32::try_from(v)
+                        .map(Some)
+                        .map_err(|_| LoadError::PvhEntryAbove4G { entry: v })
                 }
                 n => Err(LoadError::BadPvhNote { desc_len: n }),
             };
@@ -477,11 +508,20 @@ pub fn parse_pvh(image: &[u8]) -> Result<LoadPlan, LoadError> {
         match p_type {
             PT_LOAD => {
                 if file_size > mem_size || paddr.checked_add(mem_size).is_none() {
-                    return Err(LoadError::SegmentOverflow { paddr, file_size, mem_size });
+                    return Err(LoadError::SegmentOverflow {
+                        paddr,
+                        file_size,
+                        mem_size,
+                    });
                 }
                 slice(image, "segment data", offset, file_size)?;
                 if mem_size > 0 {
-                    segments.push(Segment { paddr, file_offset: offset, file_size, mem_size });
+                    segments.push(Segment {
+                        paddr,
+                        file_offset: offset,
+                        file_size,
+                        mem_size,
+                    });
                 }
             }
             PT_NOTE => {
@@ -533,7 +573,12 @@ pub fn parse_pvh(image: &[u8]) -> Result<LoadPlan, LoadError> {
     }
     let lowest = segments.first().map_or(0, |s| s.paddr);
     let end = segments.iter().map(Segment::end).max().unwrap_or(0);
-    Ok(LoadPlan { entry, segments, lowest, end })
+    Ok(LoadPlan {
+        entry,
+        segments,
+        lowest,
+        end,
+    })
 }
 
 /// Loads `plan`'s segments from `image` into guest memory of `mem_size` bytes: the
@@ -556,7 +601,11 @@ pub fn load(
         }
         let end = s.paddr.checked_add(s.mem_size).ok_or(overflow)?;
         if end > mem_size {
-            return Err(LoadError::SegmentOutsideMemory { paddr: s.paddr, mem_size, mem_end: end });
+            return Err(LoadError::SegmentOutsideMemory {
+                paddr: s.paddr,
+                mem_size,
+                mem_end: end,
+            });
         }
         slice(image, "segment data", s.file_offset, s.file_size)?;
     }
@@ -595,7 +644,11 @@ mod tests {
     }
 
     fn note(name: &[u8], ntype: u32, desc: &[u8]) -> Note {
-        Note { name: name.to_vec(), ntype, desc: desc.to_vec() }
+        Note {
+            name: name.to_vec(),
+            ntype,
+            desc: desc.to_vec(),
+        }
     }
 
     fn pvh_note4(entry: u32) -> Note {
@@ -626,9 +679,19 @@ mod tests {
                 machine: if is64 { EM_X86_64 } else { EM_386 },
                 etype: ET_EXEC,
                 segs: vec![
-                    Seg { paddr: 0x100_0000, vaddr: 0xffff_ffff_8100_0000, data: (0..=255).collect(), memsz: 0x1000 },
+                    Seg {
+                        paddr: 0x100_0000,
+                        vaddr: 0xffff_ffff_8100_0000,
+                        data: (0..=255).collect(),
+                        memsz: 0x1000,
+                    },
                     // Linux-style: p_vaddr 0.
-                    Seg { paddr: 0x100_2000, vaddr: 0, data: vec![0xab; 100], memsz: 0x3000 },
+                    Seg {
+                        paddr: 0x100_2000,
+                        vaddr: 0,
+                        data: vec![0xab; 100],
+                        memsz: 0x3000,
+                    },
                 ],
                 notes: vec![note(b"GNU\0", 3, &[1; 20]), pvh_note8(0x100_0040)],
                 notes_in_phdr: true,
@@ -637,7 +700,11 @@ mod tests {
         }
 
         fn build(&self) -> Vec<u8> {
-            let (ehsize, phentsize, shentsize) = if self.is64 { (64, 56, 64) } else { (52, 32, 40) };
+            let (ehsize, phentsize, shentsize) = if self.is64 {
+                (64, 56, 64)
+            } else {
+                (52, 32, 40)
+            };
             let phnum = self.segs.len() + usize::from(self.notes_in_phdr);
             let mut notes = Vec::new();
             for n in &self.notes {
@@ -645,11 +712,11 @@ mod tests {
                 notes.extend((n.desc.len() as u32).to_le_bytes());
                 notes.extend(n.ntype.to_le_bytes());
                 notes.extend(&n.name);
-                while notes.len() % 4 != 0 {
+                while !notes.len().is_multiple_of(4) {
                     notes.push(0);
                 }
                 notes.extend(&n.desc);
-                while notes.len() % 4 != 0 {
+                while !notes.len().is_multiple_of(4) {
                     notes.push(0);
                 }
             }
@@ -690,7 +757,14 @@ mod tests {
             f.extend(0u16.to_le_bytes());
             assert_eq!(f.len(), ehsize);
 
-            let phdr = |f: &mut Vec<u8>, t: u32, off: u64, vaddr: u64, paddr: u64, filesz: u64, memsz: u64, align: u64| {
+            let phdr = |f: &mut Vec<u8>,
+                        t: u32,
+                        off: u64,
+                        vaddr: u64,
+                        paddr: u64,
+                        filesz: u64,
+                        memsz: u64,
+                        align: u64| {
                 f.extend(t.to_le_bytes());
                 if self.is64 {
                     f.extend(7u32.to_le_bytes());
@@ -706,10 +780,28 @@ mod tests {
                 }
             };
             if self.notes_in_phdr {
-                phdr(&mut f, PT_NOTE, notes_off as u64, 0, 0, notes.len() as u64, 0, 4);
+                phdr(
+                    &mut f,
+                    PT_NOTE,
+                    notes_off as u64,
+                    0,
+                    0,
+                    notes.len() as u64,
+                    0,
+                    4,
+                );
             }
             for (s, &off) in self.segs.iter().zip(&seg_offs) {
-                phdr(&mut f, PT_LOAD, off as u64, s.vaddr, s.paddr, s.data.len() as u64, s.memsz, 0x1000);
+                phdr(
+                    &mut f,
+                    PT_LOAD,
+                    off as u64,
+                    s.vaddr,
+                    s.paddr,
+                    s.data.len() as u64,
+                    s.memsz,
+                    0x1000,
+                );
             }
             f.extend(&notes);
             for s in &self.segs {
@@ -742,7 +834,10 @@ mod tests {
 
     impl Mem {
         fn new(size: usize) -> Self {
-            Mem { bytes: vec![0xcc; size], writes: 0 }
+            Mem {
+                bytes: vec![0xcc; size],
+                writes: 0,
+            }
         }
     }
 
@@ -775,8 +870,18 @@ mod tests {
         LoadPlan {
             entry,
             segments: vec![
-                Segment { paddr: 0x100_0000, file_offset: 0, file_size: 256, mem_size: 0x1000 },
-                Segment { paddr: 0x100_2000, file_offset: 0, file_size: 100, mem_size: 0x3000 },
+                Segment {
+                    paddr: 0x100_0000,
+                    file_offset: 0,
+                    file_size: 256,
+                    mem_size: 0x1000,
+                },
+                Segment {
+                    paddr: 0x100_2000,
+                    file_offset: 0,
+                    file_size: 100,
+                    mem_size: 0x3000,
+                },
             ],
             lowest: 0x100_0000,
             end: 0x100_5000,
@@ -801,10 +906,16 @@ mod tests {
     fn elf64_with_4_byte_note_and_elf32() {
         let mut b = Builder::new(true);
         b.notes = vec![pvh_note4(0x100_2010)];
-        assert_eq!(without_offsets(parse_pvh(&b.build()).unwrap()), expected_plan(0x100_2010));
+        assert_eq!(
+            without_offsets(parse_pvh(&b.build()).unwrap()),
+            expected_plan(0x100_2010)
+        );
         let mut b32 = Builder::new(false);
         b32.notes = vec![note(b"GNU\0", 1, &[0; 16]), pvh_note4(0x100_0000)];
-        assert_eq!(without_offsets(parse_pvh(&b32.build()).unwrap()), expected_plan(0x100_0000));
+        assert_eq!(
+            without_offsets(parse_pvh(&b32.build()).unwrap()),
+            expected_plan(0x100_0000)
+        );
         b32.notes = vec![pvh_note8(0x100_0001)];
         assert_eq!(parse_pvh(&b32.build()).unwrap().entry, 0x100_0001);
     }
@@ -817,20 +928,34 @@ mod tests {
         b.notes_in_phdr = false;
         assert_eq!(parse_pvh(&b.build()), Err(LoadError::NoPvhNote));
         b.notes_in_phdr = true;
-        for wrong in [note(b"Xe\0", 18, &[0; 4]), note(b"Linux\0", 18, &[0; 4]), note(b"Xen\0", 17, &[0; 4]), note(b"XenX", 18, &[0; 4])] {
+        for wrong in [
+            note(b"Xe\0", 18, &[0; 4]),
+            note(b"Linux\0", 18, &[0; 4]),
+            note(b"Xen\0", 17, &[0; 4]),
+            note(b"XenX", 18, &[0; 4]),
+        ] {
             b.notes = vec![wrong];
             assert_eq!(parse_pvh(&b.build()), Err(LoadError::NoPvhNote));
         }
         b.notes = vec![note(b"Xen\0", 18, &[0; 2])];
-        assert_eq!(parse_pvh(&b.build()), Err(LoadError::BadPvhNote { desc_len: 2 }));
+        assert_eq!(
+            parse_pvh(&b.build()),
+            Err(LoadError::BadPvhNote { desc_len: 2 })
+        );
         b.notes = vec![pvh_note8(1 << 32)];
-        assert_eq!(parse_pvh(&b.build()), Err(LoadError::PvhEntryAbove4G { entry: 1 << 32 }));
+        assert_eq!(
+            parse_pvh(&b.build()),
+            Err(LoadError::PvhEntryAbove4G { entry: 1 << 32 })
+        );
         // A name without its NUL is accepted.
         b.notes = vec![note(b"Xen", 18, &0x100_0000u32.to_le_bytes())];
         assert_eq!(parse_pvh(&b.build()).unwrap().entry, 0x100_0000);
         // Entry outside the segments.
         b.notes = vec![pvh_note4(0x100_1000)];
-        assert_eq!(parse_pvh(&b.build()), Err(LoadError::EntryOutsideSegments { entry: 0x100_1000 }));
+        assert_eq!(
+            parse_pvh(&b.build()),
+            Err(LoadError::EntryOutsideSegments { entry: 0x100_1000 })
+        );
     }
 
     #[test]
@@ -850,10 +975,26 @@ mod tests {
         assert_eq!(parse_pvh(&[]), Err(LoadError::Empty));
         let mz = [0x4d, 0x5a, 0x90, 0x00, 3, 0, 0, 0];
         let e = parse_pvh(&mz).unwrap_err();
-        assert_eq!(e, LoadError::NotElf { first_bytes: [0x4d, 0x5a, 0x90, 0] });
-        assert_eq!(e.to_string(), "is not an ELF file (it starts with 4d 5a 90 00)");
-        assert_eq!(parse_pvh(b"M"), Err(LoadError::NotElf { first_bytes: [0x4d, 0, 0, 0] }));
-        assert!(matches!(parse_pvh(b"\x7fEL"), Err(LoadError::Truncated { .. })));
+        assert_eq!(
+            e,
+            LoadError::NotElf {
+                first_bytes: [0x4d, 0x5a, 0x90, 0]
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "is not an ELF file (it starts with 4d 5a 90 00)"
+        );
+        assert_eq!(
+            parse_pvh(b"M"),
+            Err(LoadError::NotElf {
+                first_bytes: [0x4d, 0, 0, 0]
+            })
+        );
+        assert!(matches!(
+            parse_pvh(b"\x7fEL"),
+            Err(LoadError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -884,7 +1025,12 @@ mod tests {
         let mut b = Builder::new(true);
         b.segs.clear();
         assert_eq!(parse_pvh(&b.build()), Err(LoadError::NoLoadSegments));
-        b.segs = vec![Seg { paddr: 0, vaddr: 0, data: vec![], memsz: 0 }];
+        b.segs = vec![Seg {
+            paddr: 0,
+            vaddr: 0,
+            data: vec![],
+            memsz: 0,
+        }];
         b.notes = vec![pvh_note4(0)];
         assert_eq!(parse_pvh(&b.build()), Err(LoadError::NoLoadSegments));
     }
@@ -905,8 +1051,19 @@ mod tests {
         }
         let image = Builder::new(true).build();
         let e = parse_pvh(&image[..100]).unwrap_err();
-        assert_eq!(e, LoadError::Truncated { what: "program headers", offset: 64, need: 168, len: 100 });
-        assert_eq!(e.to_string(), "is truncated: the program headers at offset 64 need 168 bytes but the file has 100");
+        assert_eq!(
+            e,
+            LoadError::Truncated {
+                what: "program headers",
+                offset: 64,
+                need: 168,
+                len: 100
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "is truncated: the program headers at offset 64 need 168 bytes but the file has 100"
+        );
         assert_eq!(
             parse_pvh(&image[..40]).unwrap_err().to_string(),
             "is truncated: the ELF header at offset 0 needs 64 bytes but the file has 40"
@@ -918,20 +1075,40 @@ mod tests {
         let mut b = Builder::new(true);
         b.segs[1].memsz = 50;
         let e = parse_pvh(&b.build()).unwrap_err();
-        assert_eq!(e, LoadError::SegmentOverflow { paddr: 0x100_2000, file_size: 100, mem_size: 50 });
+        assert_eq!(
+            e,
+            LoadError::SegmentOverflow {
+                paddr: 0x100_2000,
+                file_size: 100,
+                mem_size: 50
+            }
+        );
         assert!(e.to_string().contains("more bytes in the file"));
         let mut b = Builder::new(true);
         b.segs[1].paddr = 0x100_0800;
         let e = parse_pvh(&b.build()).unwrap_err();
-        assert_eq!(e, LoadError::OverlappingSegments { first: 0x100_0000, first_end: 0x100_1000, second: 0x100_0800 });
+        assert_eq!(
+            e,
+            LoadError::OverlappingSegments {
+                first: 0x100_0000,
+                first_end: 0x100_1000,
+                second: 0x100_0800
+            }
+        );
         // Segments given out of order are sorted.
         let mut b = Builder::new(true);
         b.segs.swap(0, 1);
-        assert_eq!(without_offsets(parse_pvh(&b.build()).unwrap()), expected_plan(0x100_0040));
+        assert_eq!(
+            without_offsets(parse_pvh(&b.build()).unwrap()),
+            expected_plan(0x100_0040)
+        );
         // End overflow.
         let mut b = Builder::new(true);
         b.segs[1].paddr = u64::MAX - 0x10;
-        assert!(matches!(parse_pvh(&b.build()), Err(LoadError::SegmentOverflow { .. })));
+        assert!(matches!(
+            parse_pvh(&b.build()),
+            Err(LoadError::SegmentOverflow { .. })
+        ));
     }
 
     #[test]
@@ -943,7 +1120,10 @@ mod tests {
         let expect0: Vec<u8> = (0..=255).collect();
         assert_eq!(&mem.bytes[0x100_0000..0x100_0100], &expect0[..]);
         assert!(mem.bytes[0x100_0100..0x100_1000].iter().all(|&b| b == 0));
-        assert!(mem.bytes[0x100_1000..0x100_2000].iter().all(|&b| b == 0xcc), "gap untouched");
+        assert!(
+            mem.bytes[0x100_1000..0x100_2000].iter().all(|&b| b == 0xcc),
+            "gap untouched"
+        );
         assert!(mem.bytes[0x100_2000..0x100_2064].iter().all(|&b| b == 0xab));
         assert!(mem.bytes[0x100_2064..0x100_5000].iter().all(|&b| b == 0));
         assert!(mem.bytes[0x100_5000..].iter().all(|&b| b == 0xcc));
@@ -956,11 +1136,23 @@ mod tests {
         let plan = parse_pvh(&image).unwrap();
         let mut mem = Mem::new(0);
         let e = load(&plan, &image, &mut mem, 0x100_4000).unwrap_err();
-        assert_eq!(e, LoadError::SegmentOutsideMemory { paddr: 0x100_2000, mem_size: 0x100_4000, mem_end: 0x100_5000 });
+        assert_eq!(
+            e,
+            LoadError::SegmentOutsideMemory {
+                paddr: 0x100_2000,
+                mem_size: 0x100_4000,
+                mem_end: 0x100_5000
+            }
+        );
         assert_eq!(mem.writes, 0);
         let big = LoadPlan {
             entry: 0x10_0000,
-            segments: vec![Segment { paddr: 0x10_0000, file_offset: 0, file_size: 0, mem_size: 0x4f0_0000 }],
+            segments: vec![Segment {
+                paddr: 0x10_0000,
+                file_offset: 0,
+                file_size: 0,
+                mem_size: 0x4f0_0000,
+            }],
             lowest: 0x10_0000,
             end: 0x500_0000,
         };
@@ -973,10 +1165,16 @@ mod tests {
         // A plan that does not match the image.
         let mut bad = plan.clone();
         bad.segments[0].file_offset = image.len() as u64;
-        assert!(matches!(load(&bad, &image, &mut Mem::new(0x100_6000), 0x100_6000), Err(LoadError::Truncated { .. })));
+        assert!(matches!(
+            load(&bad, &image, &mut Mem::new(0x100_6000), 0x100_6000),
+            Err(LoadError::Truncated { .. })
+        ));
         // The writer refusing.
         let mut tiny = Mem::new(16);
-        assert_eq!(load(&plan, &image, &mut tiny, 0x100_6000), Err(LoadError::GuestWriteFailed { gpa: 0x100_0000 }));
+        assert_eq!(
+            load(&plan, &image, &mut tiny, 0x100_6000),
+            Err(LoadError::GuestWriteFailed { gpa: 0x100_0000 })
+        );
     }
 
     #[test]
@@ -990,7 +1188,11 @@ mod tests {
             LoadError::BadPvhNote { desc_len: 3 },
             LoadError::PvhEntryAbove4G { entry: 1 << 40 },
             LoadError::NoLoadSegments,
-            LoadError::SegmentOverflow { paddr: 0, file_size: 0, mem_size: 1 },
+            LoadError::SegmentOverflow {
+                paddr: 0,
+                file_size: 0,
+                mem_size: 1,
+            },
             LoadError::EntryOutsideSegments { entry: 5 },
             LoadError::GuestWriteFailed { gpa: 5 },
         ];

@@ -41,7 +41,10 @@ impl GuestMemory {
     /// machine has them and single frames otherwise.
     pub fn allocate(size: u64) -> Result<GuestMemory, OutOfMemory> {
         let size = size.next_multiple_of(FRAME_SIZE);
-        let mut m = GuestMemory { extents: Vec::new(), size: 0 };
+        let mut m = GuestMemory {
+            extents: Vec::new(),
+            size: 0,
+        };
         while m.size < size {
             let left = size - m.size;
             let (hpa, len) = if left >= CHUNK && m.size % CHUNK == 0 {
@@ -49,18 +52,32 @@ impl GuestMemory {
                     Some(hpa) => (hpa, CHUNK),
                     None => match frames::alloc(1, 1) {
                         Some(hpa) => (hpa, FRAME_SIZE),
-                        None => return Err(OutOfMemory { wanted: size, free: frames::free_count() * FRAME_SIZE }),
+                        None => {
+                            return Err(OutOfMemory {
+                                wanted: size,
+                                free: frames::free_count() * FRAME_SIZE,
+                            })
+                        }
                     },
                 }
             } else {
                 match frames::alloc(1, 1) {
                     Some(hpa) => (hpa, FRAME_SIZE),
-                    None => return Err(OutOfMemory { wanted: size, free: frames::free_count() * FRAME_SIZE }),
+                    None => {
+                        return Err(OutOfMemory {
+                            wanted: size,
+                            free: frames::free_count() * FRAME_SIZE,
+                        })
+                    }
                 }
             };
             // SAFETY: the frames were just allocated for this domain and are identity-mapped.
             unsafe { phys::zero(hpa, len) };
-            m.push(Extent { gpa: m.size, hpa, len });
+            m.push(Extent {
+                gpa: m.size,
+                hpa,
+                len,
+            });
             m.size += len;
         }
         Ok(m)
@@ -97,7 +114,9 @@ impl GuestMemory {
     pub fn read(&self, mut gpa: u64, buf: &mut [u8]) -> bool {
         let mut done = 0;
         while done < buf.len() {
-            let Some((hpa, avail)) = self.translate(gpa) else { return false };
+            let Some((hpa, avail)) = self.translate(gpa) else {
+                return false;
+            };
             let n = (avail.min((buf.len() - done) as u64)) as usize;
             // SAFETY: [hpa, hpa+n) lies inside one of this domain's extents.
             unsafe { phys::read(hpa, &mut buf[done..done + n]) };
@@ -110,12 +129,17 @@ impl GuestMemory {
     /// Copies `data` into guest memory at `gpa`; false (nothing written) if any byte
     /// is outside RAM.
     pub fn write(&mut self, gpa: u64, data: &[u8]) -> bool {
-        if gpa.checked_add(data.len() as u64).is_none_or(|end| end > self.size) {
+        if gpa
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.size)
+        {
             return false;
         }
         let (mut gpa, mut done) = (gpa, 0);
         while done < data.len() {
-            let Some((hpa, avail)) = self.translate(gpa) else { return false };
+            let Some((hpa, avail)) = self.translate(gpa) else {
+                return false;
+            };
             let n = (avail.min((data.len() - done) as u64)) as usize;
             // SAFETY: [hpa, hpa+n) lies inside one of this domain's extents.
             unsafe { phys::write(hpa, &data[done..done + n]) };
@@ -132,7 +156,9 @@ impl GuestMemory {
         }
         let (mut gpa, mut left) = (gpa, len);
         while left > 0 {
-            let Some((hpa, avail)) = self.translate(gpa) else { return false };
+            let Some((hpa, avail)) = self.translate(gpa) else {
+                return false;
+            };
             let n = avail.min(left);
             // SAFETY: [hpa, hpa+n) lies inside one of this domain's extents.
             unsafe { phys::zero(hpa, n) };

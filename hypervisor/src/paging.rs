@@ -44,15 +44,40 @@ pub struct Perms {
 
 impl Perms {
     /// Read, write and execute, supervisor only.
-    pub const RWX: Perms = Perms { read: true, write: true, exec: true, user: false };
+    pub const RWX: Perms = Perms {
+        read: true,
+        write: true,
+        exec: true,
+        user: false,
+    };
     /// Read and write, no execute, supervisor only.
-    pub const RW: Perms = Perms { read: true, write: true, exec: false, user: false };
+    pub const RW: Perms = Perms {
+        read: true,
+        write: true,
+        exec: false,
+        user: false,
+    };
     /// Read and execute, supervisor only.
-    pub const RX: Perms = Perms { read: true, write: false, exec: true, user: false };
+    pub const RX: Perms = Perms {
+        read: true,
+        write: false,
+        exec: true,
+        user: false,
+    };
     /// Read only, supervisor only.
-    pub const R: Perms = Perms { read: true, write: false, exec: false, user: false };
+    pub const R: Perms = Perms {
+        read: true,
+        write: false,
+        exec: false,
+        user: false,
+    };
     /// Every right.
-    pub const ALL: Perms = Perms { read: true, write: true, exec: true, user: true };
+    pub const ALL: Perms = Perms {
+        read: true,
+        write: true,
+        exec: true,
+        user: true,
+    };
 
     /// The same rights, also for user mode.
     pub const fn with_user(self) -> Perms {
@@ -188,10 +213,17 @@ pub fn decode<F: EntryFormat>(entry: u64, level: u8) -> Decoded {
     let perms = F::perms(entry);
     if F::is_leaf(entry, level) {
         if let Some(size) = PageSize::from_level(level) {
-            return Decoded::Leaf { addr: F::address(entry) & !(size.bytes() - 1), size, perms };
+            return Decoded::Leaf {
+                addr: F::address(entry) & !(size.bytes() - 1),
+                size,
+                perms,
+            };
         }
     }
-    Decoded::Table { addr: F::address(entry), perms }
+    Decoded::Table {
+        addr: F::address(entry),
+        perms,
+    }
 }
 
 const P: u64 = 1;
@@ -261,7 +293,10 @@ impl EntryFormat for X86 {
         true
     }
     fn normalize(perms: Perms) -> Option<Perms> {
-        Some(Perms { read: true, ..perms })
+        Some(Perms {
+            read: true,
+            ..perms
+        })
     }
 }
 
@@ -295,7 +330,11 @@ impl EntryFormat for Npt {
         true
     }
     fn normalize(perms: Perms) -> Option<Perms> {
-        Some(Perms { read: true, user: true, ..perms })
+        Some(Perms {
+            read: true,
+            user: true,
+            ..perms
+        })
     }
 }
 
@@ -354,7 +393,11 @@ impl EntryFormat for Ept {
         true
     }
     fn normalize(perms: Perms) -> Option<Perms> {
-        let p = Perms { read: perms.read || perms.write, user: false, ..perms };
+        let p = Perms {
+            read: perms.read || perms.write,
+            user: false,
+            ..perms
+        };
         (p.read || p.exec).then_some(p)
     }
 }
@@ -407,7 +450,11 @@ impl EntryFormat for VtdSl {
         true
     }
     fn normalize(perms: Perms) -> Option<Perms> {
-        let p = Perms { exec: false, user: false, ..perms };
+        let p = Perms {
+            exec: false,
+            user: false,
+            ..perms
+        };
         (p.read || p.write).then_some(p)
     }
 }
@@ -492,14 +539,22 @@ impl<F: EntryFormat> PageTable<F> {
             return Err(MapError::UnsupportedLevels);
         }
         let root = mem.alloc_table().ok_or(MapError::OutOfMemory)?;
-        Ok(PageTable { root: root & ADDR_MASK, levels, format: PhantomData })
+        Ok(PageTable {
+            root: root & ADDR_MASK,
+            levels,
+            format: PhantomData,
+        })
     }
 
     /// Adopts an existing table whose root frame is at `root` (bits below 12, such as
     /// CR3 or EPTP flags, are ignored). With a level count the format does not
     /// support, every operation fails ([`MapError::UnsupportedLevels`], or `None`).
     pub fn from_root(root: u64, levels: u8) -> Self {
-        PageTable { root: root & ADDR_MASK, levels, format: PhantomData }
+        PageTable {
+            root: root & ADDR_MASK,
+            levels,
+            format: PhantomData,
+        }
     }
 
     /// Physical address of the root frame.
@@ -564,7 +619,11 @@ impl<F: EntryFormat> PageTable<F> {
         if va & mask != 0 || pa & mask != 0 {
             return Err(MapError::Misaligned);
         }
-        if !self.va_ok(va) || pa.checked_add(size.bytes()).is_none_or(|end| end > MAX_PHYS) {
+        if !self.va_ok(va)
+            || pa
+                .checked_add(size.bytes())
+                .is_none_or(|end| end > MAX_PHYS)
+        {
             return Err(MapError::OutOfRange);
         }
         let perms = F::normalize(perms).ok_or(MapError::NoAccess)?;
@@ -841,7 +900,10 @@ mod tests {
 
     impl FakeMem {
         fn new() -> Self {
-            FakeMem { next: 0x10_0000, ..Default::default() }
+            FakeMem {
+                next: 0x10_0000,
+                ..Default::default()
+            }
         }
         fn live(&self) -> usize {
             self.frames.len()
@@ -851,12 +913,15 @@ mod tests {
     impl PhysMem for FakeMem {
         fn read(&self, pa: u64) -> u64 {
             assert_eq!(pa % 8, 0);
-            self.frames.get(&(pa & !0xfff)).expect("read outside a table")[((pa & 0xfff) / 8) as usize]
+            self.frames
+                .get(&(pa & !0xfff))
+                .expect("read outside a table")[((pa & 0xfff) / 8) as usize]
         }
         fn write(&mut self, pa: u64, value: u64) {
             assert_eq!(pa % 8, 0);
-            self.frames.get_mut(&(pa & !0xfff)).expect("write outside a table")
-                [((pa & 0xfff) / 8) as usize] = value;
+            self.frames
+                .get_mut(&(pa & !0xfff))
+                .expect("write outside a table")[((pa & 0xfff) / 8) as usize] = value;
         }
         fn alloc_table(&mut self) -> Option<u64> {
             if self.limit.is_some_and(|l| self.frames.len() >= l) {
@@ -869,7 +934,9 @@ mod tests {
             Some(pa)
         }
         fn free_table(&mut self, pa: u64) {
-            self.frames.remove(&pa).expect("double free or foreign frame");
+            self.frames
+                .remove(&pa)
+                .expect("double free or foreign frame");
             self.frees += 1;
         }
     }
@@ -891,7 +958,10 @@ mod tests {
             assert_eq!(pt.translate(&mem, va + off), Some((pa + off, expect, size)));
             assert_eq!(pt.translate(&mem, va), Some((pa, expect, size)));
             assert_eq!(pt.translate(&mem, va + size.bytes()), None);
-            assert_eq!(pt.map(&mut mem, va, pa, size, perms), Err(MapError::AlreadyMapped));
+            assert_eq!(
+                pt.map(&mut mem, va, pa, size, perms),
+                Err(MapError::AlreadyMapped)
+            );
         }
         for (i, size) in SIZES.into_iter().enumerate() {
             let va = (i as u64 + 1) * 4 * G1;
@@ -931,8 +1001,16 @@ mod tests {
     fn x86_encoding() {
         let mut mem = FakeMem::new();
         let mut pt = PageTable::<X86>::new(&mut mem, 4).unwrap();
-        pt.map(&mut mem, 0, 0x20_0000, PageSize::Size2M, Perms::R).unwrap();
-        pt.map(&mut mem, 0x4000_0000, 0x5000, PageSize::Size4K, Perms::RWX.with_user()).unwrap();
+        pt.map(&mut mem, 0, 0x20_0000, PageSize::Size2M, Perms::R)
+            .unwrap();
+        pt.map(
+            &mut mem,
+            0x4000_0000,
+            0x5000,
+            PageSize::Size4K,
+            Perms::RWX.with_user(),
+        )
+        .unwrap();
         let pml4 = mem.read(pt.root());
         assert_eq!(pml4 & 0xfff, 0x7);
         let pdpt = pml4 & ADDR_MASK;
@@ -944,20 +1022,40 @@ mod tests {
         assert_eq!(mem.read(pt1), 0x5000 | P | RW | US);
         assert_eq!(
             decode::<X86>(0x20_0000 | P | PS | NX, 2),
-            Decoded::Leaf { addr: 0x20_0000, size: PageSize::Size2M, perms: Perms::R }
+            Decoded::Leaf {
+                addr: 0x20_0000,
+                size: PageSize::Size2M,
+                perms: Perms::R
+            }
         );
-        assert_eq!(decode::<X86>(0x3000 | 7, 4), Decoded::Table { addr: 0x3000, perms: Perms::ALL });
+        assert_eq!(
+            decode::<X86>(0x3000 | 7, 4),
+            Decoded::Table {
+                addr: 0x3000,
+                perms: Perms::ALL
+            }
+        );
         assert_eq!(decode::<X86>(0x3000 | 6, 4), Decoded::NotPresent);
         // Large-page PAT bit (12) is masked off the address.
         assert_eq!(
             decode::<X86>(0x4000_1000 | P | PS, 3),
-            Decoded::Leaf { addr: 0x4000_0000, size: PageSize::Size1G, perms: Perms::RWX }
+            Decoded::Leaf {
+                addr: 0x4000_0000,
+                size: PageSize::Size1G,
+                perms: Perms::RX
+            }
         );
         // PS at level 4 and at level 1 does not make a large leaf.
-        assert!(matches!(decode::<X86>(0x3000 | P | PS, 4), Decoded::Table { .. }));
+        assert!(matches!(
+            decode::<X86>(0x3000 | P | PS, 4),
+            Decoded::Table { .. }
+        ));
         assert!(matches!(
             decode::<X86>(0x3000 | P | PS, 1),
-            Decoded::Leaf { size: PageSize::Size4K, .. }
+            Decoded::Leaf {
+                size: PageSize::Size4K,
+                ..
+            }
         ));
     }
 
@@ -965,7 +1063,8 @@ mod tests {
     fn npt_sets_us_everywhere() {
         let mut mem = FakeMem::new();
         let mut pt = PageTable::<Npt>::new(&mut mem, 4).unwrap();
-        pt.map(&mut mem, 0x1000, 0x9000, PageSize::Size4K, Perms::RW).unwrap();
+        pt.map(&mut mem, 0x1000, 0x9000, PageSize::Size4K, Perms::RW)
+            .unwrap();
         let mut table = pt.root();
         for level in (1..=4u8).rev() {
             let e = mem.read(table + index(0x1000, level) * 8);
@@ -975,15 +1074,20 @@ mod tests {
             }
             table = e & ADDR_MASK;
         }
-        assert_eq!(pt.translate(&mem, 0x1000), Some((0x9000, Perms::RW.with_user(), PageSize::Size4K)));
+        assert_eq!(
+            pt.translate(&mem, 0x1000),
+            Some((0x9000, Perms::RW.with_user(), PageSize::Size4K))
+        );
     }
 
     #[test]
     fn ept_encoding() {
         let mut mem = FakeMem::new();
         let mut pt = PageTable::<Ept>::new(&mut mem, 4).unwrap();
-        pt.map(&mut mem, 0, 0x4000_0000, PageSize::Size1G, Perms::RX).unwrap();
-        pt.map(&mut mem, 0x4000_0000, 0x1000, PageSize::Size4K, Perms::RW).unwrap();
+        pt.map(&mut mem, 0, 0x4000_0000, PageSize::Size1G, Perms::RX)
+            .unwrap();
+        pt.map(&mut mem, 0x4000_0000, 0x1000, PageSize::Size4K, Perms::RW)
+            .unwrap();
         let pml4 = mem.read(pt.root());
         assert_eq!(pml4 & 0xfff, 7);
         let pdpt = pml4 & ADDR_MASK;
@@ -992,14 +1096,34 @@ mod tests {
         let ptab = mem.read(pd) & ADDR_MASK;
         assert_eq!(mem.read(ptab), 0x1000 | EPT_R | EPT_W | EPT_MT_WB);
         // Write-only requests become read-write; nothing at all is refused.
-        let wo = Perms { read: false, write: true, exec: false, user: false };
-        pt.map(&mut mem, 0x4000_1000, 0x2000, PageSize::Size4K, wo).unwrap();
+        let wo = Perms {
+            read: false,
+            write: true,
+            exec: false,
+            user: false,
+        };
+        pt.map(&mut mem, 0x4000_1000, 0x2000, PageSize::Size4K, wo)
+            .unwrap();
         assert_eq!(pt.translate(&mem, 0x4000_1000).unwrap().1, Perms::RW);
-        let none = Perms { read: false, write: false, exec: false, user: true };
-        assert_eq!(pt.map(&mut mem, 0x4000_2000, 0x2000, PageSize::Size4K, none), Err(MapError::NoAccess));
+        let none = Perms {
+            read: false,
+            write: false,
+            exec: false,
+            user: true,
+        };
+        assert_eq!(
+            pt.map(&mut mem, 0x4000_2000, 0x2000, PageSize::Size4K, none),
+            Err(MapError::NoAccess)
+        );
         // Execute-only is expressible.
-        let xo = Perms { read: false, write: false, exec: true, user: false };
-        pt.map(&mut mem, 0x4000_3000, 0x3000, PageSize::Size4K, xo).unwrap();
+        let xo = Perms {
+            read: false,
+            write: false,
+            exec: true,
+            user: false,
+        };
+        pt.map(&mut mem, 0x4000_3000, 0x3000, PageSize::Size4K, xo)
+            .unwrap();
         assert_eq!(pt.translate(&mem, 0x4000_3000).unwrap().1, xo);
         assert!(!Ept::is_present(EPT_MT_WB | 0x1000));
     }
@@ -1008,17 +1132,39 @@ mod tests {
     fn vtd_encoding() {
         let mut mem = FakeMem::new();
         let mut pt = PageTable::<VtdSl>::new(&mut mem, 3).unwrap();
-        pt.map(&mut mem, 0x20_0000, 0x40_0000, PageSize::Size2M, Perms::RWX.with_user()).unwrap();
+        pt.map(
+            &mut mem,
+            0x20_0000,
+            0x40_0000,
+            PageSize::Size2M,
+            Perms::RWX.with_user(),
+        )
+        .unwrap();
         let l3 = mem.read(pt.root());
         assert_eq!(l3 & 0xfff, 3);
         let l2 = l3 & ADDR_MASK;
         assert_eq!(mem.read(l2 + 8), 0x40_0000 | SL_R | SL_W | PS);
-        assert_eq!(pt.translate(&mem, 0x20_0010), Some((0x40_0010, Perms::RW, PageSize::Size2M)));
-        let wo = Perms { read: false, write: true, exec: false, user: false };
-        pt.map(&mut mem, 0x1000, 0x1000, PageSize::Size4K, wo).unwrap();
+        assert_eq!(
+            pt.translate(&mem, 0x20_0010),
+            Some((0x40_0010, Perms::RW, PageSize::Size2M))
+        );
+        let wo = Perms {
+            read: false,
+            write: true,
+            exec: false,
+            user: false,
+        };
+        pt.map(&mut mem, 0x1000, 0x1000, PageSize::Size4K, wo)
+            .unwrap();
         assert_eq!(pt.translate(&mem, 0x1000).unwrap().1, wo);
         assert_eq!(
-            pt.map(&mut mem, 0x2000, 0x1000, PageSize::Size4K, Perms { read: false, ..wo }),
+            pt.map(
+                &mut mem,
+                0x2000,
+                0x1000,
+                PageSize::Size4K,
+                Perms { write: false, ..wo }
+            ),
             Err(MapError::NoAccess)
         );
     }
@@ -1027,34 +1173,83 @@ mod tests {
     fn bounds() {
         let mut mem = FakeMem::new();
         let mut vtd3 = PageTable::<VtdSl>::new(&mut mem, 3).unwrap();
-        assert_eq!(vtd3.map(&mut mem, 1 << 39, 0, PageSize::Size4K, Perms::R), Err(MapError::OutOfRange));
-        assert_eq!(vtd3.map(&mut mem, (1 << 39) - K4, 0, PageSize::Size4K, Perms::R), Ok(()));
+        assert_eq!(
+            vtd3.map(&mut mem, 1 << 39, 0, PageSize::Size4K, Perms::R),
+            Err(MapError::OutOfRange)
+        );
+        assert_eq!(
+            vtd3.map(&mut mem, (1 << 39) - K4, 0, PageSize::Size4K, Perms::R),
+            Ok(())
+        );
         assert_eq!(vtd3.translate(&mem, 1 << 39), None);
-        assert_eq!(vtd3.unmap(&mut mem, 1 << 39, PageSize::Size4K), Err(MapError::OutOfRange));
+        assert_eq!(
+            vtd3.unmap(&mut mem, 1 << 39, PageSize::Size4K),
+            Err(MapError::OutOfRange)
+        );
         let mut vtd4 = PageTable::<VtdSl>::new(&mut mem, 4).unwrap();
-        assert_eq!(vtd4.map(&mut mem, 1 << 39, 0, PageSize::Size4K, Perms::R), Ok(()));
-        assert_eq!(vtd4.map(&mut mem, 1 << 48, 0, PageSize::Size4K, Perms::R), Err(MapError::OutOfRange));
+        assert_eq!(
+            vtd4.map(&mut mem, 1 << 39, 0, PageSize::Size4K, Perms::R),
+            Ok(())
+        );
+        assert_eq!(
+            vtd4.map(&mut mem, 1 << 48, 0, PageSize::Size4K, Perms::R),
+            Err(MapError::OutOfRange)
+        );
         // pa beyond 52 bits
-        assert_eq!(vtd4.map(&mut mem, 0, MAX_PHYS, PageSize::Size4K, Perms::R), Err(MapError::OutOfRange));
-        assert_eq!(vtd4.map(&mut mem, 0, MAX_PHYS - G1, PageSize::Size1G, Perms::R), Ok(()));
-        assert_eq!(vtd4.map(&mut mem, G1, u64::MAX & !(G1 - 1), PageSize::Size1G, Perms::R), Err(MapError::OutOfRange));
+        assert_eq!(
+            vtd4.map(&mut mem, 0, MAX_PHYS, PageSize::Size4K, Perms::R),
+            Err(MapError::OutOfRange)
+        );
+        assert_eq!(
+            vtd4.map(&mut mem, 0, MAX_PHYS - G1, PageSize::Size1G, Perms::R),
+            Ok(())
+        );
+        assert_eq!(
+            vtd4.map(&mut mem, G1, !(G1 - 1), PageSize::Size1G, Perms::R),
+            Err(MapError::OutOfRange)
+        );
 
         // X86: canonical addresses; the upper half works, the hole does not.
         let mut x = PageTable::<X86>::new(&mut mem, 4).unwrap();
         let high = 0xffff_8000_0000_0000;
-        x.map(&mut mem, high, 0x1000, PageSize::Size4K, Perms::RW).unwrap();
-        assert_eq!(x.translate(&mem, high + 5), Some((0x1005, Perms::RW, PageSize::Size4K)));
-        assert_eq!(x.map(&mut mem, 0x0000_8000_0000_0000, 0, PageSize::Size4K, Perms::R), Err(MapError::OutOfRange));
+        x.map(&mut mem, high, 0x1000, PageSize::Size4K, Perms::RW)
+            .unwrap();
+        assert_eq!(
+            x.translate(&mem, high + 5),
+            Some((0x1005, Perms::RW, PageSize::Size4K))
+        );
+        assert_eq!(
+            x.map(
+                &mut mem,
+                0x0000_8000_0000_0000,
+                0,
+                PageSize::Size4K,
+                Perms::R
+            ),
+            Err(MapError::OutOfRange)
+        );
         assert_eq!(x.translate(&mem, 0x0000_8000_0000_0000), None);
         // Npt is not canonical: upper half is out of range.
         let mut n = PageTable::<Npt>::new(&mut mem, 4).unwrap();
-        assert_eq!(n.map(&mut mem, high, 0, PageSize::Size4K, Perms::R), Err(MapError::OutOfRange));
+        assert_eq!(
+            n.map(&mut mem, high, 0, PageSize::Size4K, Perms::R),
+            Err(MapError::OutOfRange)
+        );
 
         // Levels.
-        assert_eq!(PageTable::<X86>::new(&mut mem, 3).unwrap_err(), MapError::UnsupportedLevels);
-        assert_eq!(PageTable::<VtdSl>::new(&mut mem, 2).unwrap_err(), MapError::UnsupportedLevels);
+        assert_eq!(
+            PageTable::<X86>::new(&mut mem, 3).unwrap_err(),
+            MapError::UnsupportedLevels
+        );
+        assert_eq!(
+            PageTable::<VtdSl>::new(&mut mem, 2).unwrap_err(),
+            MapError::UnsupportedLevels
+        );
         let mut bad = PageTable::<Ept>::from_root(0x10_0000, 9);
-        assert_eq!(bad.map(&mut mem, 0, 0, PageSize::Size4K, Perms::R), Err(MapError::UnsupportedLevels));
+        assert_eq!(
+            bad.map(&mut mem, 0, 0, PageSize::Size4K, Perms::R),
+            Err(MapError::UnsupportedLevels)
+        );
         assert_eq!(bad.translate(&mem, 0), None);
     }
 
@@ -1070,10 +1265,19 @@ mod tests {
             (M2, 0, PageSize::Size1G),
             (0, M2, PageSize::Size1G),
         ] {
-            assert_eq!(pt.map(&mut mem, va, pa, size, Perms::R), Err(MapError::Misaligned));
+            assert_eq!(
+                pt.map(&mut mem, va, pa, size, Perms::R),
+                Err(MapError::Misaligned)
+            );
         }
-        assert_eq!(pt.unmap(&mut mem, 0x1000, PageSize::Size2M), Err(MapError::Misaligned));
-        assert_eq!(pt.map_range(&mut mem, 0, 0, 0x800, Perms::R, PageSize::Size1G), Err(MapError::Misaligned));
+        assert_eq!(
+            pt.unmap(&mut mem, 0x1000, PageSize::Size2M),
+            Err(MapError::Misaligned)
+        );
+        assert_eq!(
+            pt.map_range(&mut mem, 0, 0, 0x800, Perms::R, PageSize::Size1G),
+            Err(MapError::Misaligned)
+        );
         assert_eq!(mem.live(), 1);
     }
 
@@ -1082,12 +1286,25 @@ mod tests {
         let mut mem = FakeMem::new();
         let mut pt = PageTable::<X86>::new(&mut mem, 4).unwrap();
         pt.map(&mut mem, M2, 0, PageSize::Size2M, Perms::R).unwrap();
-        assert_eq!(pt.map(&mut mem, M2 + K4, 0, PageSize::Size4K, Perms::R), Err(MapError::AlreadyMapped));
-        assert_eq!(pt.map(&mut mem, 0, 0, PageSize::Size1G, Perms::R), Err(MapError::AlreadyMapped));
-        pt.map(&mut mem, 2 * M2, 0, PageSize::Size4K, Perms::R).unwrap();
-        assert_eq!(pt.map(&mut mem, 2 * M2, 0, PageSize::Size2M, Perms::R), Err(MapError::AlreadyMapped));
+        assert_eq!(
+            pt.map(&mut mem, M2 + K4, 0, PageSize::Size4K, Perms::R),
+            Err(MapError::AlreadyMapped)
+        );
+        assert_eq!(
+            pt.map(&mut mem, 0, 0, PageSize::Size1G, Perms::R),
+            Err(MapError::AlreadyMapped)
+        );
+        pt.map(&mut mem, 2 * M2, 0, PageSize::Size4K, Perms::R)
+            .unwrap();
+        assert_eq!(
+            pt.map(&mut mem, 2 * M2, 0, PageSize::Size2M, Perms::R),
+            Err(MapError::AlreadyMapped)
+        );
         // Unmapping a 2M where 4K pages live is NotMapped, and changes nothing.
-        assert_eq!(pt.unmap(&mut mem, 2 * M2, PageSize::Size2M), Err(MapError::NotMapped));
+        assert_eq!(
+            pt.unmap(&mut mem, 2 * M2, PageSize::Size2M),
+            Err(MapError::NotMapped)
+        );
         assert!(pt.translate(&mem, 2 * M2).is_some());
         pt.destroy(&mut mem);
         assert_eq!(mem.live(), 0);
@@ -1111,28 +1328,52 @@ mod tests {
         let perms = F::normalize(Perms::RW).unwrap();
         let mut pt = PageTable::<F>::new(mem, 4).unwrap();
         // 1G leaf, unmap one 4K inside: 1G -> 2M table -> 4K table.
-        pt.map(mem, G1, 4 * G1, PageSize::Size1G, Perms::RW).unwrap();
+        pt.map(mem, G1, 4 * G1, PageSize::Size1G, Perms::RW)
+            .unwrap();
         let hole = G1 + 3 * M2 + 5 * K4;
-        assert_eq!(pt.unmap(mem, hole, PageSize::Size4K), Ok(4 * G1 + 3 * M2 + 5 * K4));
+        assert_eq!(
+            pt.unmap(mem, hole, PageSize::Size4K),
+            Ok(4 * G1 + 3 * M2 + 5 * K4)
+        );
         assert_eq!(pt.translate(mem, hole), None);
-        assert_eq!(pt.translate(mem, hole + K4), Some((4 * G1 + 3 * M2 + 6 * K4, perms, PageSize::Size4K)));
-        assert_eq!(pt.translate(mem, hole - K4 + 1), Some((4 * G1 + 3 * M2 + 4 * K4 + 1, perms, PageSize::Size4K)));
-        assert_eq!(pt.translate(mem, G1), Some((4 * G1, perms, PageSize::Size2M)));
-        assert_eq!(pt.translate(mem, 2 * G1 - 1), Some((5 * G1 - 1, perms, PageSize::Size2M)));
+        assert_eq!(
+            pt.translate(mem, hole + K4),
+            Some((4 * G1 + 3 * M2 + 6 * K4, perms, PageSize::Size4K))
+        );
+        assert_eq!(
+            pt.translate(mem, hole - K4 + 1),
+            Some((4 * G1 + 3 * M2 + 4 * K4 + 1, perms, PageSize::Size4K))
+        );
+        assert_eq!(
+            pt.translate(mem, G1),
+            Some((4 * G1, perms, PageSize::Size2M))
+        );
+        assert_eq!(
+            pt.translate(mem, 2 * G1 - 1),
+            Some((5 * G1 - 1, perms, PageSize::Size2M))
+        );
         // root + PDPT + the split PD + the split PT
         assert_eq!(mem.live(), 4);
         // Unmap a 2M from a 1G: only one split.
         pt.map(mem, 3 * G1, 0, PageSize::Size1G, Perms::RW).unwrap();
         assert_eq!(pt.unmap(mem, 3 * G1 + M2, PageSize::Size2M), Ok(M2));
         assert_eq!(pt.translate(mem, 3 * G1 + M2), None);
-        assert_eq!(pt.translate(mem, 3 * G1 + 2 * M2), Some((2 * M2, perms, PageSize::Size2M)));
+        assert_eq!(
+            pt.translate(mem, 3 * G1 + 2 * M2),
+            Some((2 * M2, perms, PageSize::Size2M))
+        );
         assert_eq!(mem.live(), 5);
         // Split with OOM: nothing changes.
         mem.limit = Some(mem.live() + 1);
-        pt.map(mem, 5 * G1, 0, PageSize::Size1G, Perms::RW).unwrap_err(); // needs no table
         pt.map(mem, 4 * G1, 0, PageSize::Size1G, Perms::RW).unwrap();
-        assert_eq!(pt.unmap(mem, 4 * G1, PageSize::Size4K), Err(MapError::OutOfMemory));
-        assert_eq!(pt.translate(mem, 4 * G1), Some((0, perms, PageSize::Size1G)));
+        assert_eq!(
+            pt.unmap(mem, 4 * G1, PageSize::Size4K),
+            Err(MapError::OutOfMemory)
+        );
+        assert_eq!(
+            pt.translate(mem, 4 * G1),
+            Some((0, perms, PageSize::Size1G))
+        );
         assert_eq!(mem.live(), 5);
         mem.limit = None;
         pt.destroy(mem);
@@ -1144,7 +1385,8 @@ mod tests {
         let mut pt = PageTable::<Ept>::new(&mut mem, 4).unwrap();
         let pages = [0u64, K4, 511 * K4, M2, G1 + 7 * K4, 1 << 39, (1 << 47) - K4];
         for (i, &va) in pages.iter().enumerate() {
-            pt.map(&mut mem, va, i as u64 * K4, PageSize::Size4K, Perms::R).unwrap();
+            pt.map(&mut mem, va, i as u64 * K4, PageSize::Size4K, Perms::R)
+                .unwrap();
         }
         assert!(mem.live() > 5);
         for (i, &va) in pages.iter().enumerate() {
@@ -1165,35 +1407,76 @@ mod tests {
         let va = G1 - M2 - 2 * K4;
         let pa = 3 * G1 - M2 - 2 * K4;
         let len = 2 * K4 + M2 + G1 + M2 + K4;
-        pt.map_range(&mut mem, va, pa, len, Perms::RW, PageSize::Size1G).unwrap();
+        pt.map_range(&mut mem, va, pa, len, Perms::RW, PageSize::Size1G)
+            .unwrap();
         assert_eq!(pt.translate(&mem, va).unwrap().2, PageSize::Size4K);
         assert_eq!(pt.translate(&mem, va + K4).unwrap().2, PageSize::Size4K);
-        assert_eq!(pt.translate(&mem, G1 - M2).unwrap(), (3 * G1 - M2, Perms::RW, PageSize::Size2M));
-        assert_eq!(pt.translate(&mem, G1).unwrap(), (3 * G1, Perms::RW, PageSize::Size1G));
+        assert_eq!(
+            pt.translate(&mem, G1 - M2).unwrap(),
+            (3 * G1 - M2, Perms::RW, PageSize::Size2M)
+        );
+        assert_eq!(
+            pt.translate(&mem, G1).unwrap(),
+            (3 * G1, Perms::RW, PageSize::Size1G)
+        );
         assert_eq!(pt.translate(&mem, 2 * G1).unwrap().2, PageSize::Size2M);
-        assert_eq!(pt.translate(&mem, 2 * G1 + M2).unwrap(), (4 * G1 + M2, Perms::RW, PageSize::Size4K));
+        assert_eq!(
+            pt.translate(&mem, 2 * G1 + M2).unwrap(),
+            (4 * G1 + M2, Perms::RW, PageSize::Size4K)
+        );
         assert_eq!(pt.translate(&mem, 2 * G1 + M2 + K4), None);
         // max limits the size
         let mut pt2 = PageTable::<X86>::new(&mut mem, 4).unwrap();
-        pt2.map_range(&mut mem, 0, 0, 4 * M2, Perms::R, PageSize::Size4K).unwrap();
+        pt2.map_range(&mut mem, 0, 0, 4 * M2, Perms::R, PageSize::Size4K)
+            .unwrap();
         assert_eq!(pt2.translate(&mem, 3 * M2).unwrap().2, PageSize::Size4K);
         // Different 2M alignment of va and pa: only 4K pages.
         let mut pt3 = PageTable::<X86>::new(&mut mem, 4).unwrap();
-        pt3.map_range(&mut mem, 0, K4, 2 * M2, Perms::R, PageSize::Size1G).unwrap();
-        assert_eq!(pt3.translate(&mem, M2).unwrap(), (M2 + K4, Perms::R, PageSize::Size4K));
-        // Zero length is fine; out of range is refused up front.
-        pt3.map_range(&mut mem, 0, 0, 0, Perms::R, PageSize::Size1G).unwrap();
+        pt3.map_range(&mut mem, 0, K4, 2 * M2, Perms::R, PageSize::Size1G)
+            .unwrap();
         assert_eq!(
-            pt3.map_range(&mut mem, (1 << 47) - K4, 0, 2 * K4, Perms::R, PageSize::Size4K),
+            pt3.translate(&mem, M2).unwrap(),
+            (M2 + K4, Perms::R, PageSize::Size4K)
+        );
+        // Zero length is fine; out of range is refused up front.
+        pt3.map_range(&mut mem, 0, 0, 0, Perms::R, PageSize::Size1G)
+            .unwrap();
+        assert_eq!(
+            pt3.map_range(
+                &mut mem,
+                (1 << 47) - K4,
+                0,
+                2 * K4,
+                Perms::R,
+                PageSize::Size4K
+            ),
             Err(MapError::OutOfRange)
         );
         assert_eq!(
-            pt3.map_range(&mut mem, u64::MAX - 0xfff, 0, 2 * K4, Perms::R, PageSize::Size4K),
+            pt3.map_range(
+                &mut mem,
+                u64::MAX - 0xfff,
+                0,
+                2 * K4,
+                Perms::R,
+                PageSize::Size4K
+            ),
             Err(MapError::OutOfRange)
         );
         // Top of the canonical upper half: va + len wraps to exactly 0.
-        pt3.map_range(&mut mem, u64::MAX - (2 * M2 - 1), 0, 2 * M2, Perms::R, PageSize::Size2M).unwrap();
-        assert_eq!(pt3.translate(&mem, u64::MAX).unwrap(), (2 * M2 - 1, Perms::R, PageSize::Size2M));
+        pt3.map_range(
+            &mut mem,
+            u64::MAX - (2 * M2 - 1),
+            0,
+            2 * M2,
+            Perms::R,
+            PageSize::Size2M,
+        )
+        .unwrap();
+        assert_eq!(
+            pt3.translate(&mem, u64::MAX).unwrap(),
+            (2 * M2 - 1, Perms::R, PageSize::Size2M)
+        );
         for t in [pt, pt2, pt3] {
             t.destroy(&mut mem);
         }
@@ -1204,7 +1487,8 @@ mod tests {
     fn map_range_is_all_or_nothing() {
         let mut mem = FakeMem::new();
         let mut pt = PageTable::<VtdSl>::new(&mut mem, 4).unwrap();
-        pt.map(&mut mem, 5 * M2, 0, PageSize::Size4K, Perms::R).unwrap();
+        pt.map(&mut mem, 5 * M2, 0, PageSize::Size4K, Perms::R)
+            .unwrap();
         let live = mem.live();
         assert_eq!(
             pt.map_range(&mut mem, 0, 0, 8 * M2, Perms::RW, PageSize::Size2M),
@@ -1234,12 +1518,25 @@ mod tests {
         let mut pt = PageTable::<X86>::new(&mut mem, 4).unwrap();
         for limit in 1..4 {
             mem.limit = Some(limit);
-            assert_eq!(pt.map(&mut mem, 0x1000, 0, PageSize::Size4K, Perms::R), Err(MapError::OutOfMemory));
+            assert_eq!(
+                pt.map(&mut mem, 0x1000, 0, PageSize::Size4K, Perms::R),
+                Err(MapError::OutOfMemory)
+            );
             assert_eq!(mem.live(), 1);
             assert_eq!(mem.read(pt.root()), 0);
         }
         mem.limit = None;
-        assert_eq!(PageTable::<X86>::new(&mut FakeMem { limit: Some(0), ..FakeMem::new() }, 4).unwrap_err(), MapError::OutOfMemory);
+        assert_eq!(
+            PageTable::<X86>::new(
+                &mut FakeMem {
+                    limit: Some(0),
+                    ..FakeMem::new()
+                },
+                4
+            )
+            .unwrap_err(),
+            MapError::OutOfMemory
+        );
         pt.destroy(&mut mem);
     }
 
@@ -1292,7 +1589,10 @@ mod tests {
             (va < start + size.bytes()).then_some((start, pa, size, perms))
         }
         fn overlaps(&self, va: u64, len: u64) -> bool {
-            self.leaves.range(..va + len).next_back().is_some_and(|(&s, &(_, size, _))| s + size.bytes() > va)
+            self.leaves
+                .range(..va + len)
+                .next_back()
+                .is_some_and(|(&s, &(_, size, _))| s + size.bytes() > va)
         }
         fn map(&mut self, va: u64, pa: u64, size: PageSize, perms: Perms) -> Result<(), MapError> {
             if self.overlaps(va, size.bytes()) {
@@ -1316,7 +1616,10 @@ mod tests {
                 let small = PageSize::from_level(leaf.level() - 1).unwrap();
                 self.leaves.remove(&start);
                 for i in 0..512 {
-                    self.leaves.insert(start + i * small.bytes(), (pa + i * small.bytes(), small, perms));
+                    self.leaves.insert(
+                        start + i * small.bytes(),
+                        (pa + i * small.bytes(), small, perms),
+                    );
                 }
             }
         }
@@ -1328,9 +1631,21 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Map { slot: (u64, u64, u64), pa: u64, size: PageSize, perms: Perms },
-        Unmap { slot: (u64, u64, u64), size: PageSize },
-        MapRange { slot: (u64, u64, u64), pages: u64, max: PageSize },
+        Map {
+            slot: (u64, u64, u64),
+            pa: u64,
+            size: PageSize,
+            perms: Perms,
+        },
+        Unmap {
+            slot: (u64, u64, u64),
+            size: PageSize,
+        },
+        MapRange {
+            slot: (u64, u64, u64),
+            pages: u64,
+            max: PageSize,
+        },
     }
 
     fn slot_va((g, m, k): (u64, u64, u64)) -> u64 {
@@ -1338,13 +1653,23 @@ mod tests {
     }
 
     fn size_strategy() -> impl Strategy<Value = PageSize> {
-        prop_oneof![Just(PageSize::Size4K), Just(PageSize::Size2M), Just(PageSize::Size1G)]
+        prop_oneof![
+            Just(PageSize::Size4K),
+            Just(PageSize::Size2M),
+            Just(PageSize::Size1G)
+        ]
     }
 
     fn op_strategy() -> impl Strategy<Value = Op> {
         let slot = (0..3u64, 0..3u64, 0..3u64);
-        let perms = (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(r, w, x, u)| Perms { read: r, write: w, exec: x, user: u });
+        let perms = (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(r, w, x, u)| Perms {
+                read: r,
+                write: w,
+                exec: x,
+                user: u,
+            },
+        );
         prop_oneof![
             3 => (slot.clone(), 0..8u64, size_strategy(), perms)
                 .prop_map(|(slot, pa, size, perms)| Op::Map { slot, pa, size, perms }),
@@ -1363,11 +1688,16 @@ mod tests {
             .collect();
         for op in ops {
             match *op {
-                Op::Map { slot, pa, size, perms } => {
+                Op::Map {
+                    slot,
+                    pa,
+                    size,
+                    perms,
+                } => {
                     let va = slot_va(slot);
                     let pa = pa * size.bytes();
                     let got = pt.map(&mut mem, va, pa, size, perms);
-                    let want = if va % size.bytes() != 0 {
+                    let want = if !va.is_multiple_of(size.bytes()) {
                         Err(MapError::Misaligned)
                     } else if let Some(p) = F::normalize(perms) {
                         model.map(va, pa, size, p)
@@ -1379,8 +1709,11 @@ mod tests {
                 Op::Unmap { slot, size } => {
                     let va = slot_va(slot);
                     let got = pt.unmap(&mut mem, va, size);
-                    let want =
-                        if va % size.bytes() != 0 { Err(MapError::Misaligned) } else { model.unmap(va, size) };
+                    let want = if !va.is_multiple_of(size.bytes()) {
+                        Err(MapError::Misaligned)
+                    } else {
+                        model.unmap(va, size)
+                    };
                     prop_assert_eq!(got, want, "{:?}", op);
                 }
                 Op::MapRange { slot, pages, max } => {
@@ -1388,7 +1721,11 @@ mod tests {
                     let len = pages * K4;
                     let pa = 7 * G1 + (va % G1);
                     let got = pt.map_range(&mut mem, va, pa, len, Perms::RW, max);
-                    let want = if model.overlaps(va, len) { Err(MapError::AlreadyMapped) } else { Ok(()) };
+                    let want = if model.overlaps(va, len) {
+                        Err(MapError::AlreadyMapped)
+                    } else {
+                        Ok(())
+                    };
                     prop_assert_eq!(got, want, "{:?}", op);
                     if got.is_ok() {
                         let p = F::normalize(Perms::RW).unwrap();
@@ -1402,14 +1739,24 @@ mod tests {
                 }
             }
             for &va in &probes {
-                prop_assert_eq!(pt.translate(&mem, va), model.translate(va), "va {:#x} after {:?}", va, op);
+                prop_assert_eq!(
+                    pt.translate(&mem, va),
+                    model.translate(va),
+                    "va {:#x} after {:?}",
+                    va,
+                    op
+                );
             }
             for (&va, &(pa, size, perms)) in &model.leaves {
                 prop_assert_eq!(pt.translate(&mem, va), Some((pa, perms, size)));
             }
         }
         // Unmap everything: only the root remains; destroy frees it.
-        let leaves: Vec<_> = model.leaves.iter().map(|(&va, &(pa, size, _))| (va, pa, size)).collect();
+        let leaves: Vec<_> = model
+            .leaves
+            .iter()
+            .map(|(&va, &(pa, size, _))| (va, pa, size))
+            .collect();
         for (va, pa, size) in leaves {
             prop_assert_eq!(pt.unmap(&mut mem, va, size), Ok(pa));
         }

@@ -26,7 +26,9 @@ pub struct Outcome {
 pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     let mut cfgs = Vec::new();
     for e in crate::bundle::entries(bundle) {
-        let e = e.map_err(|e| format!("the boot bundle (the QEMU -initrd module) is not a valid cpio archive: {e}"))?;
+        let e = e.map_err(|e| {
+            format!("the boot bundle (the QEMU -initrd module) is not a valid cpio archive: {e}")
+        })?;
         let name = e.name.trim_start_matches("./");
         if name.starts_with("domains/") && name.ends_with(".cfg") {
             cfgs.push((String::from(name), e.data));
@@ -42,15 +44,19 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     let free_before = crate::frames::free_count();
     let mut domains = Vec::new();
     for (i, (path, data)) in cfgs.iter().enumerate() {
-        let text = core::str::from_utf8(data).map_err(|_| format!("domain config '{path}' is not UTF-8 text"))?;
-        let config = crate::config::parse(text).map_err(|e| format!("domain config '{path}': {e}"))?;
+        let text = core::str::from_utf8(data)
+            .map_err(|_| format!("domain config '{path}' is not UTF-8 text"))?;
+        let config =
+            crate::config::parse(text).map_err(|e| format!("domain config '{path}': {e}"))?;
         for w in &config.warnings {
             log::warn!("domain config '{path}': {w}");
         }
         let name = config.name.clone();
         let id = (i + 1) as u16;
         let d = Domain::build(id, config, bundle, cpu).map_err(|e| match e {
-            BuildError::Kernel { path, error } => format!("kernel '{path}' of domain '{name}' {error}"),
+            BuildError::Kernel { path, error } => {
+                format!("kernel '{path}' of domain '{name}' {error}")
+            }
             other => format!("domain '{name}': {other}"),
         })?;
         domains.push(d);
@@ -87,7 +93,10 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     }
     let free_after = crate::frames::free_count();
     if free_after == free_before {
-        log::info!("all domain memory returned: {} free frames before and after", free_after);
+        log::info!(
+            "all domain memory returned: {} free frames before and after",
+            free_after
+        );
     } else {
         log::error!("frame leak: {free_before} free frames before the domains, {free_after} after");
         outcome.failed += 1;
@@ -103,7 +112,11 @@ fn run_domain(d: &mut Domain) -> DomainEnd {
         if let Flow::End(end) = exits::handle(core, cpu, exit) {
             if let DomainEnd::Crashed(_) = end {
                 let (code, i1, i2) = cpu.exit_info();
-                log::debug!("d{}: last exit {} (code {code:#x} info1 {i1:#x} info2 {i2:#x})", core.id, exits::describe(&exit));
+                log::debug!(
+                    "d{}: last exit {} (code {code:#x} info1 {i1:#x} info2 {i2:#x})",
+                    core.id,
+                    exits::describe(&exit)
+                );
             }
             return end;
         }

@@ -37,7 +37,10 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
     match check {
         Check::Hypercall => {
             let want = u64::from((abi::XEN_VERSION_MAJOR << 16) | abi::XEN_VERSION_MINOR);
-            (v == want, format!("xen_version returned {v:#x}, expected {want:#x}"))
+            (
+                v == want,
+                format!("xen_version returned {v:#x}, expected {want:#x}"),
+            )
         }
         Check::CpuidSignature => {
             let [a, b, cc] = abi::XEN_CPUID_SIGNATURE;
@@ -45,7 +48,10 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
             let mut sig = [0u8; 12];
             sig[..8].copy_from_slice(&v.to_le_bytes());
             sig[8..].copy_from_slice(&(v2 as u32).to_le_bytes());
-            let s: String = sig.iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '.' }).collect();
+            let s: String = sig
+                .iter()
+                .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+                .collect();
             (ok, format!("guest saw \"{s}\""))
         }
         Check::CpuidFeatures => {
@@ -55,11 +61,17 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
         }
         Check::IoOut => (
             v > 0 && v == c.debug_port_bytes,
-            format!("guest wrote {v} bytes to port 0xe9, hypervisor received {}", c.debug_port_bytes),
+            format!(
+                "guest wrote {v} bytes to port 0xe9, hypervisor received {}",
+                c.debug_port_bytes
+            ),
         ),
         Check::IoIn => (
             v == 0xffff_ffff && v2 == 0xff && c.unclaimed_port_reads >= 2,
-            format!("inl {v:#x}, inb {v2:#x}, {} port reads emulated", c.unclaimed_port_reads),
+            format!(
+                "inl {v:#x}, inb {v2:#x}, {} port reads emulated",
+                c.unclaimed_port_reads
+            ),
         ),
         Check::Msr => {
             let held = cpu.read_arch_msr(msr::SYSENTER_ESP).unwrap_or(0);
@@ -70,15 +82,25 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
         }
         Check::MsrGp => (
             v == 13 && c.last_gp_msr == Some(ferro::MSR_UNKNOWN),
-            format!("guest took vector {v}, hypervisor injected #GP for MSR {:#x?}", c.last_gp_msr),
+            format!(
+                "guest took vector {v}, hypervisor injected #GP for MSR {:#x?}",
+                c.last_gp_msr
+            ),
         ),
         Check::NpfRead => (
             v == 0xffff_ffff && c.unbacked_reads >= 1,
-            format!("read {v:#x} from unbacked gpa {:#x}, {} reads emulated", ferro::UNBACKED_GPA, c.unbacked_reads),
+            format!(
+                "read {v:#x} from unbacked gpa {:#x}, {} reads emulated",
+                ferro::UNBACKED_GPA,
+                c.unbacked_reads
+            ),
         ),
         Check::NpfWrite => (
             v == 0xffff_ffff && c.unbacked_writes >= 1,
-            format!("read {v:#x} after a write, {} writes dropped", c.unbacked_writes),
+            format!(
+                "read {v:#x} after a write, {} writes dropped",
+                c.unbacked_writes
+            ),
         ),
         Check::MemoryWrite => memory_write(d, v, v2),
     }
@@ -91,17 +113,34 @@ fn memory_write(d: &DomainCore, gpa: u64, len: u64) -> (bool, String) {
         return (false, format!("bad report: gpa {gpa:#x} len {len}"));
     }
     let Some((hpa, _perms, _size)) = d.npt.translate(&crate::arch::phys::HostPhysMem, gpa) else {
-        return (false, format!("gpa {gpa:#x} is not mapped by the nested page tables"));
+        return (
+            false,
+            format!("gpa {gpa:#x} is not mapped by the nested page tables"),
+        );
     };
     if d.mem.translate(gpa).map(|(h, _)| h) != Some(hpa) {
-        return (false, format!("nested tables map {gpa:#x} to {hpa:#x}, not to the domain's memory"));
+        return (
+            false,
+            format!("nested tables map {gpa:#x} to {hpa:#x}, not to the domain's memory"),
+        );
     }
     // The nested tables map gpa to exactly the frame the domain's memory holds there
     // (checked above), so reading the domain's memory reads what the guest wrote.
     let mut buf = [0u8; 4096];
     if !d.mem.read(gpa, &mut buf) {
-        return (false, format!("gpa {gpa:#x} is outside the domain's memory"));
+        return (
+            false,
+            format!("gpa {gpa:#x} is outside the domain's memory"),
+        );
     }
-    let bad = (0..len).filter(|&i| buf[i as usize] != ferro::memory_pattern(i)).count();
-    (bad == 0, format!("gpa {gpa:#x} -> hpa {hpa:#x}: {} of {len} bytes match the pattern", len as usize - bad))
+    let bad = (0..len)
+        .filter(|&i| buf[i as usize] != ferro::memory_pattern(i))
+        .count();
+    (
+        bad == 0,
+        format!(
+            "gpa {gpa:#x} -> hpa {hpa:#x}: {} of {len} bytes match the pattern",
+            len as usize - bad
+        ),
+    )
 }

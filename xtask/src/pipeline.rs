@@ -1,7 +1,7 @@
 //! `cargo xtask test`: everything CI runs, in order: formatting, clippy, host unit
 //! tests, the build, then the QEMU scenarios of the `ferrovisor-tests` catalogue.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -239,7 +239,7 @@ fn run_one(
 }
 
 /// Prints where a scenario's serial log is and its last lines.
-fn print_tail(log: &PathBuf) {
+fn print_tail(log: &Path) {
     println!("  log: {}", log.display());
     let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
     let lines: Vec<&str> = text.lines().collect();

@@ -49,7 +49,11 @@ pub fn detect() -> Result<SvmFeatures, SvmError> {
     if edx & 1 == 0 {
         return Err(SvmError::NoNpt);
     }
-    Ok(SvmFeatures { npt: true, nrips: edx & (1 << 3) != 0, asids })
+    Ok(SvmFeatures {
+        npt: true,
+        nrips: edx & (1 << 3) != 0,
+        asids,
+    })
 }
 
 #[repr(C, align(4096))]
@@ -92,7 +96,13 @@ pub unsafe fn enable(features: SvmFeatures) -> SvmCpu {
         x86::wrmsr(msr::VM_HSAVE_PA, pa_of(&*hsave));
     }
     let fpu = enable_fpu();
-    SvmCpu { _hsave: hsave, host_save, host_fpu: Box::new(FpuArea::new()), fpu, features }
+    SvmCpu {
+        _hsave: hsave,
+        host_save,
+        host_fpu: Box::new(FpuArea::new()),
+        fpu,
+        features,
+    }
 }
 
 /// Enables XSAVE in CR4 when the CPU has it, with every component up to AVX that the
@@ -104,13 +114,15 @@ fn enable_fpu() -> FpuMode {
     }
     let [eax, _, _, _] = x86::cpuid(0xd, 0);
     let host_xcr0 = u64::from(eax) & 0x7; // x87, SSE, AVX
-    // SAFETY: CPUID says XSAVE exists; setting OSXSAVE then XCR0 to supported components
-    // (x87 always included) is the architectural enable sequence.
+                                          // SAFETY: CPUID says XSAVE exists; setting OSXSAVE then XCR0 to supported components
+                                          // (x87 always included) is the architectural enable sequence.
     unsafe {
         x86::write_cr4(x86::cr4() | (1 << 18));
         x86::xsetbv0(host_xcr0 | 1);
     }
-    FpuMode::Xsave { host_xcr0: host_xcr0 | 1 }
+    FpuMode::Xsave {
+        host_xcr0: host_xcr0 | 1,
+    }
 }
 
 /// An FPU save area, big enough for x87+SSE+AVX XSAVE images (and FXSAVE).
@@ -534,7 +546,11 @@ impl SvmVcpu {
         let exitcode = v.r64(off::EXITCODE);
         let info1 = v.r64(off::EXITINFO1);
         let info2 = v.r64(off::EXITINFO2);
-        self.next_rip = if self.nrips { Some(v.r64(off::NRIP)) } else { None };
+        self.next_rip = if self.nrips {
+            Some(v.r64(off::NRIP))
+        } else {
+            None
+        };
         if exitcode & 0xffff_ffff == code::INVALID {
             return Exit::InvalidState(exitcode);
         }
@@ -545,7 +561,9 @@ impl SvmVcpu {
             code::XSETBV => Exit::Xsetbv,
             code::SHUTDOWN => Exit::TripleFault,
             code::INTR => Exit::ExternalInterrupt,
-            code::MSR => Exit::Msr { write: info1 & 1 != 0 },
+            code::MSR => Exit::Msr {
+                write: info1 & 1 != 0,
+            },
             code::IOIO => {
                 // The hardware always reports the next RIP of an IOIO exit in EXITINFO2.
                 self.next_rip = Some(info2);
