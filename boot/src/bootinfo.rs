@@ -3,9 +3,7 @@
 //!
 //! Parsed before the heap exists, into fixed-size arrays.
 
-use abi::start_info::{
-    HvmMemmapEntry, HvmModlistEntry, HvmStartInfo, HVM_START_MAGIC, MEMMAP_TYPE_RAM,
-};
+use abi::start_info::{HvmMemmapEntry, HvmModlistEntry, HvmStartInfo, HVM_START_MAGIC};
 
 /// Multiboot2's boot magic in eax.
 pub const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
@@ -78,12 +76,25 @@ impl BootInfo {
 }
 
 /// Why boot information could not be read.
-#[derive(Debug)]
 pub enum BootInfoError {
     /// Neither the multiboot2 magic nor a PVH start_info.
     UnknownProtocol { eax: u32, ebx: u32 },
     /// The multiboot2 structure did not parse.
     Multiboot2,
+}
+
+impl core::fmt::Display for BootInfoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            BootInfoError::UnknownProtocol { eax, ebx } => write!(
+                f,
+                "eax {eax:#x} is not the multiboot2 magic and ebx {ebx:#x} holds no PVH start_info"
+            ),
+            BootInfoError::Multiboot2 => {
+                write!(f, "the multiboot2 information structure is malformed")
+            }
+        }
+    }
 }
 
 fn c_strlen(pa: u64, max: u64) -> u64 {
@@ -188,6 +199,5 @@ pub fn parse(eax: u32, ebx: u32) -> Result<BootInfo, BootInfoError> {
     if si.rsdp_paddr != 0 {
         bi.rsdp = Some(si.rsdp_paddr);
     }
-    let _ = MEMMAP_TYPE_RAM;
     Ok(bi)
 }

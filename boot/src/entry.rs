@@ -151,6 +151,6 @@ struct Page<const N: usize>([u8; N]);
 /// The boot stack. Written only by the CPU through `rsp`.
 static mut BOOT_STACK: Page<BOOT_STACK_SIZE> = Page([0; BOOT_STACK_SIZE]);
 /// Boot page tables: zeroed with .bss and filled by `_start32`, later extended by Rust.
-pub(crate) static mut BOOT_PML4: Page<4096> = Page([0; 4096]);
+static mut BOOT_PML4: Page<4096> = Page([0; 4096]);
 static mut BOOT_PDPT: Page<4096> = Page([0; 4096]);
 static mut BOOT_PDS: Page<{ 4 * 4096 }> = Page([0; 4 * 4096]);

@@ -7,7 +7,7 @@
 
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
-use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
@@ -213,46 +213,56 @@ struct Stack([u8; IST_SIZE]);
 
 static mut EXC_STACK: Stack = Stack([0; IST_SIZE]);
 static mut DF_STACK: Stack = Stack([0; IST_SIZE]);
-static mut TSS: TaskStateSegment = TaskStateSegment::new();
-static mut GDT: GlobalDescriptorTable = GlobalDescriptorTable::new();
-static mut IDT: [[u64; 2]; 32] = [[0; 2]; 32];
+static TSS: spin::Once<TaskStateSegment> = spin::Once::new();
+static GDT: spin::Once<(GlobalDescriptorTable, [SegmentSelector; 3])> = spin::Once::new();
+static IDT: spin::Once<[[u64; 2]; 32]> = spin::Once::new();
 
 /// Loads the GDT (code, data, TSS) and the IDT. Call once, on the boot CPU.
 pub fn init() {
-    // SAFETY: runs once on the boot CPU before anything else uses these statics; the
-    // descriptors describe the image's flat segments and statics that live forever.
-    unsafe {
-        let tss = &mut *(&raw mut TSS);
+    let tss = TSS.call_once(|| {
+        let mut tss = TaskStateSegment::new();
         tss.interrupt_stack_table[0] =
             VirtAddr::new(((&raw const EXC_STACK) as u64) + IST_SIZE as u64);
         tss.interrupt_stack_table[1] =
             VirtAddr::new(((&raw const DF_STACK) as u64) + IST_SIZE as u64);
-        let gdt = &mut *(&raw mut GDT);
+        tss
+    });
+    let (gdt, [code, data, tss_sel]) = GDT.call_once(|| {
+        let mut gdt = GlobalDescriptorTable::new();
         let code = gdt.append(Descriptor::kernel_code_segment());
         let data = gdt.append(Descriptor::kernel_data_segment());
-        let tss_sel = gdt.append(Descriptor::tss_segment(&*(&raw const TSS)));
-        gdt.load();
-        CS::set_reg(code);
-        DS::set_reg(data);
-        ES::set_reg(data);
-        SS::set_reg(data);
-        load_tss(tss_sel);
-
-        let idt = &mut *(&raw mut IDT);
+        let tss_sel = gdt.append(Descriptor::tss_segment(tss));
+        (gdt, [code, data, tss_sel])
+    });
+    let idt = IDT.call_once(|| {
+        let mut idt = [[0u64; 2]; 32];
         for (v, slot) in idt.iter_mut().enumerate() {
-            let addr = ferrovisor_isr_table[v];
+            // SAFETY: the table is immutable data emitted by the asm above.
+            let addr = unsafe { ferrovisor_isr_table[v] };
             let ist: u64 = if v == 8 || v == 2 || v == 18 { 2 } else { 1 };
             slot[0] = (addr & 0xffff)
                 | (u64::from(code.0) << 16)
                 | (ist << 32)
                 | (0x8e << 40)
-                | ((addr >> 16) & 0xffff) << 48;
+                | (((addr >> 16) & 0xffff) << 48);
             slot[1] = addr >> 32;
         }
-        let ptr = x86_64::structures::DescriptorTablePointer {
-            limit: (core::mem::size_of::<[[u64; 2]; 32]>() - 1) as u16,
-            base: VirtAddr::new((&raw const IDT) as u64),
-        };
+        idt
+    });
+    let ptr = x86_64::structures::DescriptorTablePointer {
+        limit: (core::mem::size_of::<[[u64; 2]; 32]>() - 1) as u16,
+        base: VirtAddr::new(idt.as_ptr() as u64),
+    };
+    gdt.load();
+    // SAFETY: the selectors index the GDT just loaded, whose descriptors are the flat
+    // 64-bit code/data segments and a TSS that lives forever; the IDT entries point at
+    // the stubs above with valid IST indexes.
+    unsafe {
+        CS::set_reg(*code);
+        DS::set_reg(*data);
+        ES::set_reg(*data);
+        SS::set_reg(*data);
+        load_tss(*tss_sel);
         x86_64::instructions::tables::lidt(&ptr);
     }
 }

@@ -34,7 +34,7 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     log::info!("ferrovisor {} starting", env!("CARGO_PKG_VERSION"));
     let bi = match bootinfo::parse(eax, ebx) {
         Ok(b) => b,
-        Err(e) => fatal!("no boot information I understand ({e:?}): boot the image with QEMU -kernel (PVH) or GRUB multiboot2"),
+        Err(e) => fatal!("no boot information I understand ({e}): boot the image with QEMU -kernel (PVH) or GRUB multiboot2"),
     };
     let cmdline = bi.cmdline();
     for opt in cmdline.split_ascii_whitespace() {
@@ -49,7 +49,7 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     );
     let (top, free) = match memory::init(&bi) {
         Ok(x) => x,
-        Err(e) => fatal!("cannot set up memory: {e:?}"),
+        Err(e) => fatal!("cannot set up memory: {e}"),
     };
     log::info!(
         "RAM up to {:#x}, {} MiB free after the heap ({} MiB)",
@@ -59,7 +59,8 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     );
     match acpi_info::discover(bi.rsdp) {
         Some(a) => log::info!(
-            "ACPI: {} CPU(s) in the MADT; DMAR {}; SRAT {}; MCFG {}",
+            "ACPI: RSDP at {:#x}, {} CPU(s) in the MADT; DMAR {}; SRAT {}; MCFG {}",
+            a.rsdp,
             a.cpus,
             a.dmar
                 .map_or("absent".into(), |x| alloc::format!("at {x:#x}")),

@@ -32,11 +32,31 @@ pub fn image_range() -> (u64, u64) {
 #[derive(Debug)]
 pub enum MemError {
     /// The loader gave no usable memory map.
-    NoMemoryMap,
-    /// No RAM region can hold the frame bitmap.
-    NoRoomForBitmap(u64),
+    MissingMemoryMap,
+    /// No RAM region can hold the frame bitmap (its size in bytes).
+    BitmapDoesNotFit(u64),
     /// Not enough RAM for the heap.
-    NoHeap,
+    HeapDoesNotFit,
+}
+
+impl core::fmt::Display for MemError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            MemError::MissingMemoryMap => {
+                write!(f, "the boot loader passed no memory map with RAM in it")
+            }
+            MemError::BitmapDoesNotFit(b) => {
+                write!(f, "no free RAM above 1 MiB holds the {b}-byte frame bitmap")
+            }
+            MemError::HeapDoesNotFit => {
+                write!(
+                    f,
+                    "less than {} MiB of free RAM for the heap: give the machine more memory",
+                    HEAP_SIZE >> 20
+                )
+            }
+        }
+    }
 }
 
 /// Ranges the allocator must never hand out: the low 1 MiB (firmware, real-mode
@@ -64,7 +84,10 @@ pub fn init(bi: &BootInfo) -> Result<(u64, u64), MemError> {
             .iter()
             .filter(|r| r.kind == abi::start_info::MEMMAP_TYPE_RAM)
     };
-    let top = ram().map(|r| r.end).max().ok_or(MemError::NoMemoryMap)?;
+    let top = ram()
+        .map(|r| r.end)
+        .max()
+        .ok_or(MemError::MissingMemoryMap)?;
     let nframes = top / FRAME_SIZE;
     let words = FrameAllocator::words_for(nframes);
     let bytes = (words * 8) as u64;
@@ -83,7 +106,7 @@ pub fn init(bi: &BootInfo) -> Result<(u64, u64), MemError> {
             break 'regions;
         }
     }
-    let at = place.ok_or(MemError::NoRoomForBitmap(bytes))?;
+    let at = place.ok_or(MemError::BitmapDoesNotFit(bytes))?;
     // SAFETY: [at, at+bytes) is RAM (from the memory map), identity-mapped by the boot
     // page tables (below 4 GiB on every machine we boot: it is the first fit above 1
     // MiB) and overlaps nothing reserved; it is owned by the allocator from here on.
@@ -103,7 +126,7 @@ pub fn init(bi: &BootInfo) -> Result<(u64, u64), MemError> {
 
     extend_identity_map(top);
 
-    let heap = frames::alloc(HEAP_SIZE / FRAME_SIZE, 1).ok_or(MemError::NoHeap)?;
+    let heap = frames::alloc(HEAP_SIZE / FRAME_SIZE, 1).ok_or(MemError::HeapDoesNotFit)?;
     // SAFETY: the frames were just taken from the allocator for the heap alone and are
     // identity-mapped RAM.
     unsafe {

@@ -76,6 +76,8 @@ pub extern "C" fn rust_eh_personality() {}
 /// `panic = "abort"` no unwinding ever starts, so reaching it is a bug.
 #[unsafe(no_mangle)]
 pub extern "C" fn _Unwind_Resume() -> ! {
-    crate::console::force_write_fmt(format_args!("PANIC: _Unwind_Resume called in an abort-only image\n"));
+    crate::console::force_write_fmt(format_args!(
+        "PANIC: _Unwind_Resume called in an abort-only image\n"
+    ));
     crate::platform::exit(crate::platform::ExitCode::Crash)
 }

@@ -26,7 +26,6 @@ const LOG_PORT: u8 = 2;
 const LOG_EXIT: u8 = 3;
 pub(crate) const LOG_HYPERCALL: u8 = 4;
 
-const VEC_UD: u8 = 6;
 const VEC_GP: u8 = 13;
 
 /// Handles one exit of `cpu`, a vCPU of domain `d`.
@@ -238,7 +237,7 @@ fn msr(d: &mut DomainCore, cpu: &mut dyn GuestCpu, write: bool) -> Flow {
         match cpu.write_arch_msr(m, v) {
             Ok(true) => return skip(d, cpu, Some(2)),
             Ok(false) => {}
-            Err(()) => return gp_for_msr(d, cpu, m, "invalid value"),
+            Err(_) => return gp_for_msr(d, cpu, m, "invalid value"),
         }
         gp_for_msr(d, cpu, m, "write to an MSR that is not offered")
     } else {
@@ -321,25 +320,24 @@ fn npf(
     skip(d, cpu, Some(u64::from(decoded.len)))
 }
 
-/// Reads a guest-virtual buffer for a hypercall (one copy; `Err` = -EFAULT).
+/// Reads a guest-virtual buffer for a hypercall, once (an error means -EFAULT).
 pub fn copy_from_guest(
     d: &DomainCore,
     cpu: &dyn GuestCpu,
     gva: u64,
     buf: &mut [u8],
-) -> Result<(), ()> {
-    guest_walk::copy_from_guest(&cpu.paging(), &d.mem, gva, buf).map_err(|_| ())
+) -> Result<(), guest_walk::WalkError> {
+    guest_walk::copy_from_guest(&cpu.paging(), &d.mem, gva, buf)
 }
 
-/// Writes a guest-virtual buffer for a hypercall (`Err` = -EFAULT).
+/// Writes a guest-virtual buffer for a hypercall (an error means -EFAULT).
 pub fn copy_to_guest(
     d: &mut DomainCore,
     cpu: &dyn GuestCpu,
     gva: u64,
     data: &[u8],
-) -> Result<(), ()> {
-    let p = cpu.paging();
-    guest_walk::copy_to_guest(&p, &mut d.mem, gva, data).map_err(|_| ())
+) -> Result<(), guest_walk::WalkError> {
+    guest_walk::copy_to_guest(&cpu.paging(), &mut d.mem, gva, data)
 }
 
 /// Formats an exit for a crash report.

@@ -126,7 +126,7 @@ impl<'a> FrameAllocator<'a> {
     pub fn free(&mut self, pa: u64, count: u64) {
         let first = pa / FRAME_SIZE;
         assert!(
-            pa % FRAME_SIZE == 0 && first + count <= self.frames,
+            pa.is_multiple_of(FRAME_SIZE) && first + count <= self.frames,
             "bad frame free {pa:#x}"
         );
         for f in first..first + count {
@@ -144,6 +144,35 @@ impl<'a> FrameAllocator<'a> {
     pub fn free_frames(&self) -> u64 {
         self.free
     }
+}
+
+/// The machine's allocator, installed once by the image at boot.
+static GLOBAL: spin::Mutex<Option<FrameAllocator<'static>>> = spin::Mutex::new(None);
+
+/// Installs the machine-wide allocator.
+pub fn install(a: FrameAllocator<'static>) {
+    *GLOBAL.lock() = Some(a);
+}
+
+/// Allocates `count` contiguous frames aligned to `align` frames from the machine's
+/// allocator; the memory is NOT zeroed.
+pub fn alloc(count: u64, align: u64) -> Option<u64> {
+    GLOBAL.lock().as_mut()?.alloc(count, align)
+}
+
+/// Returns frames to the machine's allocator.
+pub fn free(pa: u64, count: u64) {
+    if let Some(a) = GLOBAL.lock().as_mut() {
+        a.free(pa, count);
+    }
+}
+
+/// Free frames in the machine's allocator.
+pub fn free_count() -> u64 {
+    GLOBAL
+        .lock()
+        .as_ref()
+        .map_or(0, FrameAllocator::free_frames)
 }
 
 #[cfg(test)]
@@ -204,33 +233,4 @@ mod tests {
         a.free(f, 1);
         a.free(f, 1);
     }
-}
-
-/// The machine's allocator, installed once by the image at boot.
-static GLOBAL: spin::Mutex<Option<FrameAllocator<'static>>> = spin::Mutex::new(None);
-
-/// Installs the machine-wide allocator.
-pub fn install(a: FrameAllocator<'static>) {
-    *GLOBAL.lock() = Some(a);
-}
-
-/// Allocates `count` contiguous frames aligned to `align` frames from the machine's
-/// allocator; the memory is NOT zeroed.
-pub fn alloc(count: u64, align: u64) -> Option<u64> {
-    GLOBAL.lock().as_mut()?.alloc(count, align)
-}
-
-/// Returns frames to the machine's allocator.
-pub fn free(pa: u64, count: u64) {
-    if let Some(a) = GLOBAL.lock().as_mut() {
-        a.free(pa, count);
-    }
-}
-
-/// Free frames in the machine's allocator.
-pub fn free_count() -> u64 {
-    GLOBAL
-        .lock()
-        .as_ref()
-        .map_or(0, FrameAllocator::free_frames)
 }

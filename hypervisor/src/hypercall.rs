@@ -71,7 +71,7 @@ fn xen_version(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
             s[..12].copy_from_slice(b".0-ferrovis\0");
             match copy_to_guest(d, cpu, args[1], &s) {
                 Ok(()) => 0,
-                Err(()) => ret(errno::EFAULT),
+                Err(_) => ret(errno::EFAULT),
             }
         }
         other => {

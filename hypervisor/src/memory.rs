@@ -47,7 +47,7 @@ impl GuestMemory {
         };
         while m.size < size {
             let left = size - m.size;
-            let (hpa, len) = if left >= CHUNK && m.size % CHUNK == 0 {
+            let (hpa, len) = if left >= CHUNK && m.size.is_multiple_of(CHUNK) {
                 match frames::alloc(CHUNK / FRAME_SIZE, CHUNK / FRAME_SIZE) {
                     Some(hpa) => (hpa, CHUNK),
                     None => match frames::alloc(1, 1) {

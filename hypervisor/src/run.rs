@@ -75,7 +75,7 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
             }
             DomainEnd::Crashed(why) => {
                 log::error!("d{id} ({name}) crashed: {why}");
-                dump_vcpu(id, &*d.vcpus[0]);
+                dump_vcpu(id, &d.vcpus[0]);
                 false
             }
         };

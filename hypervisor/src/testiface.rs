@@ -83,8 +83,9 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
         Check::MsrGp => (
             v == 13 && c.last_gp_msr == Some(ferro::MSR_UNKNOWN),
             format!(
-                "guest took vector {v}, hypervisor injected #GP for MSR {:#x?}",
+                "guest took vector {v}, hypervisor last injected #GP for MSR {}",
                 c.last_gp_msr
+                    .map_or(String::from("none"), |m| format!("{m:#x}"))
             ),
         ),
         Check::NpfRead => (
@@ -109,7 +110,7 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
 /// Reads the pattern back through the domain's NESTED page tables (not the guest's),
 /// i.e. what the hardware mapped for that guest-physical address.
 fn memory_write(d: &DomainCore, gpa: u64, len: u64) -> (bool, String) {
-    if len != ferro::MEMORY_PATTERN_LEN || gpa % 4096 != 0 {
+    if len != ferro::MEMORY_PATTERN_LEN || !gpa.is_multiple_of(4096) {
         return (false, format!("bad report: gpa {gpa:#x} len {len}"));
     }
     let Some((hpa, _perms, _size)) = d.npt.translate(&crate::arch::phys::HostPhysMem, gpa) else {

@@ -106,6 +106,10 @@ impl CodeMode {
     }
 }
 
+/// A value an MSR does not accept: the guest gets #GP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidMsrValue;
+
 /// A virtual CPU as generic code sees it.
 pub trait GuestCpu {
     /// Enters the guest and runs it until the next exit.
@@ -135,7 +139,7 @@ pub trait GuestCpu {
     fn read_arch_msr(&self, msr: u32) -> Option<u64>;
     /// Writes such an MSR; `Err(())` when the value is invalid (#GP); `Ok(false)` when
     /// the backend does not hold it.
-    fn write_arch_msr(&mut self, msr: u32, v: u64) -> Result<bool, ()>;
+    fn write_arch_msr(&mut self, msr: u32, v: u64) -> Result<bool, InvalidMsrValue>;
     /// The guest's XCR0.
     fn xcr0(&self) -> u64;
     /// Sets the guest's XCR0 (already validated).

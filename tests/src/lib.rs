@@ -232,7 +232,7 @@ pub fn catalogue() -> Vec<Scenario> {
         fatal(
             "no-svm",
             "a CPU without AMD SVM is reported",
-            "qemu64",
+            "qemu64,-svm",
             Domain::test_guest("testguest", "test=exits"),
             "FATAL: this CPU has no AMD SVM",
         ),

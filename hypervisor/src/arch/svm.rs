@@ -10,7 +10,7 @@ use alloc::boxed::Box;
 
 use super::x86::{self, efer, msr};
 use crate::guest_walk::GuestPaging;
-use crate::vcpu::{CodeMode, Exit, GuestCpu, IoExit};
+use crate::vcpu::{CodeMode, Exit, GuestCpu, InvalidMsrValue, IoExit};
 
 /// What the CPU offers for SVM, from CPUID 0x80000001/0x8000000A.
 #[derive(Clone, Copy, Debug)]
@@ -252,9 +252,6 @@ impl Vmcb {
     }
     fn w64(&mut self, o: usize, v: u64) {
         self.0[o..o + 8].copy_from_slice(&v.to_le_bytes());
-    }
-    fn r32(&self, o: usize) -> u32 {
-        u32::from_le_bytes(self.0[o..o + 4].try_into().expect("4 bytes"))
     }
     fn w32(&mut self, o: usize, v: u32) {
         self.0[o..o + 4].copy_from_slice(&v.to_le_bytes());
@@ -705,14 +702,14 @@ impl GuestCpu for SvmVcpu {
         })
     }
 
-    fn write_arch_msr(&mut self, m: u32, val: u64) -> Result<bool, ()> {
+    fn write_arch_msr(&mut self, m: u32, val: u64) -> Result<bool, InvalidMsrValue> {
         let canonical = |x: u64| ((x as i64) << 16 >> 16) as u64 == x;
         let v = &mut self.vmcb;
         match m {
             msr::EFER => {
                 let allowed = efer::SCE | efer::LME | efer::LMA | efer::NXE | efer::FFXSR;
                 if val & !allowed != 0 {
-                    return Err(());
+                    return Err(InvalidMsrValue);
                 }
                 // LMA is read-only: keep the hardware's view; SVME stays set for VMRUN.
                 let lma = v.r64(off::EFER) & efer::LMA;
@@ -722,7 +719,7 @@ impl GuestCpu for SvmVcpu {
             msr::LSTAR | msr::CSTAR | msr::KERNEL_GS_BASE | msr::FS_BASE | msr::GS_BASE
                 if !canonical(val) =>
             {
-                return Err(())
+                return Err(InvalidMsrValue)
             }
             msr::LSTAR => v.w64(off::LSTAR, val),
             msr::CSTAR => v.w64(off::CSTAR, val),
@@ -736,7 +733,7 @@ impl GuestCpu for SvmVcpu {
             msr::PAT => {
                 // each byte must be a valid memory type (0, 1, 4, 5, 6, 7)
                 if (0..8).any(|i| matches!((val >> (i * 8)) & 0xff, 2 | 3 | 8..)) {
-                    return Err(());
+                    return Err(InvalidMsrValue);
                 }
                 v.w64(off::G_PAT, val);
             }
