@@ -65,6 +65,9 @@ pub enum Check {
     NpfWrite = 9,
     /// Guest wrote [`memory_pattern`] at guest-physical value, length value2.
     MemoryWrite = 10,
+    /// Only when the domain has a ramdisk (module 0 of `hvm_start_info`): the
+    /// [`fnv1a64`] of its bytes (value) and its length (value2), as the guest read them.
+    Ramdisk = 11,
 }
 
 impl Check {
@@ -82,9 +85,15 @@ impl Check {
         Check::MemoryWrite,
     ];
 
+    /// Checks reported only when their subject exists (a ramdisk).
+    pub const OPTIONAL: [Check; 1] = [Check::Ramdisk];
+
     /// The check for a report's `rdi`.
     pub fn from_id(id: u64) -> Option<Check> {
-        Check::ALL.into_iter().find(|c| *c as u64 == id)
+        Check::ALL
+            .into_iter()
+            .chain(Check::OPTIONAL)
+            .find(|c| *c as u64 == id)
     }
 
     /// The name used in log lines.
@@ -100,8 +109,16 @@ impl Check {
             Check::NpfRead => "npf-read",
             Check::NpfWrite => "npf-write",
             Check::MemoryWrite => "memory-write",
+            Check::Ramdisk => "ramdisk",
         }
     }
+}
+
+/// 64-bit FNV-1a, the checksum of the `ramdisk` check.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -110,7 +127,9 @@ mod tests {
 
     #[test]
     fn ids_round_trip_and_names_are_unique() {
-        for c in Check::ALL {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        for c in Check::ALL.into_iter().chain(Check::OPTIONAL) {
             assert_eq!(Check::from_id(c as u64), Some(c));
         }
         assert_eq!(Check::from_id(0), None);

@@ -41,6 +41,12 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         if let Some(l) = opt.strip_prefix("loglvl=") {
             console::set_level(l);
         }
+        if opt == "selftest=exception" {
+            log::warn!("selftest=exception: executing ud2 in the hypervisor on purpose");
+            // SAFETY: raises #UD on purpose to exercise the exception report; the
+            // handler never returns.
+            unsafe { core::arch::asm!("ud2") };
+        }
     }
     log::info!(
         "booted by {}, command line \"{cmdline}\", TSC {} kHz",

@@ -64,6 +64,8 @@ pub struct DomainCore {
     pub npt: PageTable<Npt>,
     /// Counters.
     pub counters: Counters,
+    /// The ramdisk as loaded: (guest-physical address, length, FNV-1a of its bytes).
+    pub ramdisk: Option<(u64, u64, u64)>,
     /// Partial console line (flushed at newline).
     console: Vec<u8>,
     /// Things already logged once (unknown hypercalls, MSRs, ports).
@@ -161,6 +163,7 @@ impl Domain {
         // module list, start_info, memory map and command line, all below 1 GiB.
         let mut next = page_up(plan.end);
         let mut modules = Vec::new();
+        let mut ramdisk = None;
         if let Some(path) = &config.ramdisk {
             let rd = find("ramdisk", path)?;
             let end = next + rd.len() as u64;
@@ -171,6 +174,7 @@ impl Domain {
                     have: size,
                 });
             }
+            ramdisk = Some((next, rd.len() as u64, abi::ferro::fnv1a64(rd)));
             modules.push(HvmModlistEntry {
                 paddr: next,
                 size: rd.len() as u64,
@@ -284,6 +288,7 @@ impl Domain {
                 mem,
                 npt,
                 counters: Counters::default(),
+                ramdisk,
                 console: Vec::new(),
                 logged: BTreeSet::new(),
             },

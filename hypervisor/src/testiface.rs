@@ -104,6 +104,15 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
             ),
         ),
         Check::MemoryWrite => memory_write(d, v, v2),
+        Check::Ramdisk => match d.ramdisk {
+            Some((gpa, len, sum)) => (
+                v == sum && v2 == len,
+                format!(
+                    "guest read {v2} bytes with FNV-1a {v:#x}; loaded {len} bytes at {gpa:#x} with {sum:#x}"
+                ),
+            ),
+            None => (false, String::from("the domain has no ramdisk")),
+        },
     }
 }
 

@@ -36,23 +36,39 @@ pub enum SvmError {
 
 /// Reads the SVM features of this CPU, or why SVM is unusable.
 pub fn detect() -> Result<SvmFeatures, SvmError> {
-    let ext = x86::cpuid(0x8000_0000, 0)[0];
-    if ext < 0x8000_000a || x86::cpuid(0x8000_0001, 0)[2] & (1 << 2) == 0 {
+    let reader = |leaf: u32, sub: u32| {
+        let [eax, ebx, ecx, edx] = x86::cpuid(leaf, sub);
+        raw_cpuid::CpuIdResult { eax, ebx, ecx, edx }
+    };
+    detect_with(&raw_cpuid::CpuId::with_cpuid_reader(reader), || {
+        // SAFETY: VM_CR exists on every CPU that reports SVM in CPUID, and this is
+        // only called after that check.
+        unsafe { x86::rdmsr(msr::VM_CR) }
+    })
+}
+
+/// [`detect`] over any CPUID source; `vm_cr` reads the VM_CR MSR (called only when
+/// CPUID reports SVM).
+pub fn detect_with<R: raw_cpuid::CpuIdReader>(
+    cpuid: &raw_cpuid::CpuId<R>,
+    vm_cr: impl FnOnce() -> u64,
+) -> Result<SvmFeatures, SvmError> {
+    let has_svm = cpuid
+        .get_extended_processor_and_feature_identifiers()
+        .is_some_and(|f| f.has_svm());
+    let Some(svm) = cpuid.get_svm_info().filter(|_| has_svm) else {
         return Err(SvmError::NoSvm);
-    }
-    // SAFETY: VM_CR exists on every CPU that reports SVM in CPUID.
-    let vm_cr = unsafe { x86::rdmsr(msr::VM_CR) };
-    if vm_cr & (1 << 4) != 0 {
+    };
+    if vm_cr() & (1 << 4) != 0 {
         return Err(SvmError::DisabledByFirmware);
     }
-    let [_, asids, _, edx] = x86::cpuid(0x8000_000a, 0);
-    if edx & 1 == 0 {
+    if !svm.has_nested_paging() {
         return Err(SvmError::NoNpt);
     }
     Ok(SvmFeatures {
         npt: true,
-        nrips: edx & (1 << 3) != 0,
-        asids,
+        nrips: svm.has_nrip(),
+        asids: svm.supported_asids(),
     })
 }
 
@@ -108,8 +124,10 @@ pub unsafe fn enable(features: SvmFeatures) -> SvmCpu {
 /// Enables XSAVE in CR4 when the CPU has it, with every component up to AVX that the
 /// CPU supports (more would need larger save areas and Bochs mis-sizes them).
 fn enable_fpu() -> FpuMode {
-    let ecx1 = x86::cpuid(1, 0)[2];
-    if ecx1 & (1 << 26) == 0 {
+    let has_xsave = raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .is_some_and(|f| f.has_xsave());
+    if !has_xsave {
         return FpuMode::Fxsave;
     }
     let [eax, _, _, _] = x86::cpuid(0xd, 0);
@@ -760,5 +778,57 @@ impl SvmVcpu {
     /// Guest CR2 (diagnostics).
     pub fn cr2(&self) -> u64 {
         self.vmcb.r64(off::CR2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raw_cpuid::{CpuId, CpuIdResult};
+
+    /// A CPU answering CPUID from a table: (leaf -> eax, ebx, ecx, edx).
+    fn cpu(svm: bool, npt: bool, nrips: bool) -> CpuId<impl raw_cpuid::CpuIdReader> {
+        CpuId::with_cpuid_reader(move |leaf: u32, _sub: u32| {
+            let r = |eax, ebx, ecx, edx| CpuIdResult { eax, ebx, ecx, edx };
+            match leaf {
+                0 => r(0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65), // AuthenticAMD
+                0x8000_0000 => r(0x8000_000a, 0, 0, 0),
+                0x8000_0001 => r(0, 0, if svm { 1 << 2 } else { 0 }, 0),
+                0x8000_000a => r(1, 16, 0, u32::from(npt) | (u32::from(nrips) << 3)),
+                _ => r(0, 0, 0, 0),
+            }
+        })
+    }
+
+    #[test]
+    fn no_svm_bit_means_no_svm() {
+        assert_eq!(
+            detect_with(&cpu(false, true, true), || 0).unwrap_err(),
+            SvmError::NoSvm
+        );
+    }
+
+    #[test]
+    fn svm_without_npt_is_refused() {
+        assert_eq!(
+            detect_with(&cpu(true, false, false), || 0).unwrap_err(),
+            SvmError::NoNpt
+        );
+    }
+
+    #[test]
+    fn firmware_lock_is_reported() {
+        assert_eq!(
+            detect_with(&cpu(true, true, false), || 1 << 4).unwrap_err(),
+            SvmError::DisabledByFirmware
+        );
+    }
+
+    #[test]
+    fn full_svm_reports_features() {
+        let f = detect_with(&cpu(true, true, true), || 0).unwrap();
+        assert!(f.npt && f.nrips);
+        assert_eq!(f.asids, 16);
+        assert!(!detect_with(&cpu(true, true, false), || 0).unwrap().nrips);
     }
 }

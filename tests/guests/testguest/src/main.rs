@@ -21,7 +21,7 @@ use core::sync::atomic::{compiler_fence, AtomicU64, AtomicU8, Ordering};
 
 use abi::ferro::{self, Check};
 use abi::hypercall as hc;
-use abi::start_info::{HvmStartInfo, HVM_START_MAGIC};
+use abi::start_info::{HvmModlistEntry, HvmStartInfo, HVM_START_MAGIC};
 
 /// The page tables map guest-physical 0..4 GiB one to one; nothing above is reachable.
 const MAPPED_LIMIT: u64 = 1 << 32;
@@ -29,6 +29,9 @@ const MAPPED_LIMIT: u64 = 1 << 32;
 const CMDLINE_MAX: u64 = 4096;
 /// IA32_SYSENTER_ESP
 const MSR_SYSENTER_ESP: u32 = 0x175;
+
+/// Physical address and length of the ramdisk (module 0), 0 when there is none.
+static RAMDISK: (AtomicU64, AtomicU64) = (AtomicU64::new(0), AtomicU64::new(0));
 
 /// Physical address of the NUL-terminated command line, 0 when there is none.
 static CMDLINE_PADDR: AtomicU64 = AtomicU64::new(0);
@@ -47,7 +50,15 @@ const _: () = assert!(core::mem::size_of::<PatternPage>() == 4096);
 extern "C" fn main(start_info_paddr: u64) -> ! {
     idt::init();
     match read_start_info(start_info_paddr) {
-        Some(info) => CMDLINE_PADDR.store(info.cmdline_paddr, Ordering::SeqCst),
+        Some(info) => {
+            CMDLINE_PADDR.store(info.cmdline_paddr, Ordering::SeqCst);
+            if info.nr_modules > 0 {
+                if let Some(m) = read_module0(info.modlist_paddr) {
+                    RAMDISK.0.store(m.paddr, Ordering::SeqCst);
+                    RAMDISK.1.store(m.size, Ordering::SeqCst);
+                }
+            }
+        }
         None => console_write("testguest: no valid hvm_start_info; empty command line\n"),
     }
     match test_option(cmdline()) {
@@ -125,6 +136,21 @@ fn run_exits() -> ! {
         PATTERN_PAGE.0.as_ptr() as u64,
         ferro::MEMORY_PATTERN_LEN,
     );
+
+    let (rd_paddr, rd_len) = (
+        RAMDISK.0.load(Ordering::SeqCst),
+        RAMDISK.1.load(Ordering::SeqCst),
+    );
+    if rd_paddr != 0
+        && rd_paddr
+            .checked_add(rd_len)
+            .is_some_and(|end| end <= MAPPED_LIMIT)
+    {
+        // SAFETY: the hypervisor placed the module inside this guest's RAM, below 4 GiB
+        // (checked above), so it lies in the identity map; nothing writes it.
+        let bytes = unsafe { core::slice::from_raw_parts(rd_paddr as *const u8, rd_len as usize) };
+        tally.report(Check::Ramdisk, ferro::fnv1a64(bytes), rd_len);
+    }
 
     let mut line = StackBuf::<96>::new();
     let _ = writeln!(
@@ -213,6 +239,16 @@ fn read_start_info(paddr: u64) -> Option<HvmStartInfo> {
     // struct is plain integers (any bit pattern valid), read without alignment demands.
     let info = unsafe { core::ptr::read_unaligned(paddr as *const HvmStartInfo) };
     (info.magic == HVM_START_MAGIC).then_some(info)
+}
+
+/// Module 0 (the ramdisk) from the start info's module list.
+fn read_module0(modlist_paddr: u64) -> Option<HvmModlistEntry> {
+    let size = core::mem::size_of::<HvmModlistEntry>() as u64;
+    if modlist_paddr == 0 || modlist_paddr >= MAPPED_LIMIT - size {
+        return None;
+    }
+    // SAFETY: non-null, inside the identity map; plain integers, read unaligned.
+    Some(unsafe { core::ptr::read_unaligned(modlist_paddr as *const HvmModlistEntry) })
 }
 
 /// The command line (without its NUL), empty when there is none.
