@@ -79,6 +79,8 @@ pub struct Domain {
     pub vcpus: u32,
     /// Whether the hypervisor answers the project's test interface for this domain.
     pub test_interface: bool,
+    /// A generated ramdisk (`len` pseudo-random bytes from `seed`), or none.
+    pub ramdisk: Option<(usize, u64)>,
 }
 
 impl Domain {
@@ -91,6 +93,7 @@ impl Domain {
             memory_mib: 32,
             vcpus: 1,
             test_interface: true,
+            ramdisk: None,
         }
     }
 
@@ -124,6 +127,8 @@ pub struct Scenario {
     pub about: &'static str,
     /// The QEMU `-cpu` value.
     pub cpu: &'static str,
+    /// The hypervisor's own command line (QEMU `-append`).
+    pub hv_cmdline: &'static str,
     /// The domains, in creation order (domids 1, 2, ...).
     pub domains: Vec<Domain>,
     /// The expected outcome.
@@ -160,6 +165,7 @@ fn fatal(
         name,
         about,
         cpu,
+        hv_cmdline: "",
         domains: vec![domain],
         expect: Expect {
             status: STATUS_FATAL,
@@ -178,6 +184,10 @@ pub fn catalogue() -> Vec<Scenario> {
     exits_lines.push("d1 (testguest) shut down: poweroff".into());
     exits_lines.push("all domains finished: 1 ok, 0 failed".into());
 
+    let mut ramdisk_lines = all_checks_pass(1);
+    ramdisk_lines.push("d1 check ramdisk: PASS".into());
+    ramdisk_lines.push("all domains finished: 1 ok, 0 failed".into());
+
     let mut triple_lines = vec!["d1 (crasher) crashed: triple fault".to_string()];
     triple_lines.extend(all_checks_pass(2));
     triple_lines.push("d2 (testguest) shut down: poweroff".into());
@@ -188,6 +198,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "exits",
             about: "the test guest runs every check (hypercall, CPUID, I/O, MSR, NPF, memory) and powers off",
             cpu: CPU,
+            hv_cmdline: "",
             domains: vec![Domain::test_guest("testguest", "test=exits")],
             expect: Expect {
                 status: STATUS_OK,
@@ -247,6 +258,7 @@ pub fn catalogue() -> Vec<Scenario> {
             name: "triple-fault",
             about: "a guest that triple-faults is crashed while a second domain completes its checks",
             cpu: CPU,
+            hv_cmdline: "",
             domains: vec![
                 Domain::test_guest("crasher", "test=triple-fault"),
                 Domain::test_guest("testguest", "test=exits"),
@@ -255,6 +267,40 @@ pub fn catalogue() -> Vec<Scenario> {
                 status: STATUS_DOMAIN_FAILED,
                 lines: triple_lines,
                 forbidden: strings(&["PANIC", "EXCEPTION", ": FAIL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+        },
+        Scenario {
+            name: "ramdisk",
+            about: "a ramdisk reaches the guest through hvm_start_info's module list, byte for byte",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![Domain {
+                ramdisk: Some((300 * 1024 + 17, 0x0dd_ba11)),
+                ..Domain::test_guest("testguest", "test=exits")
+            }],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: ramdisk_lines,
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+        },
+        Scenario {
+            name: "host-exception",
+            about: "an exception in the hypervisor itself is reported (vector, error code, RIP, CR2) and stops the run",
+            cpu: CPU,
+            hv_cmdline: "selftest=exception",
+            domains: vec![Domain::test_guest("testguest", "test=exits")],
+            expect: Expect {
+                status: STATUS_PANIC,
+                lines: strings(&[
+                    "EXCEPTION: #UD invalid opcode (vector 6) in the hypervisor, error code 0x0",
+                    "EXCEPTION: rip 0x",
+                ]),
+                forbidden: strings(&["PANIC", "check"]),
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,

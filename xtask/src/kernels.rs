@@ -99,6 +99,15 @@ pub fn loadable_len(elf: &[u8]) -> Option<usize> {
     end.filter(|&e| e <= elf.len())
 }
 
+/// Writes a generated file to `dir/<stem>/<file>` and returns its path.
+fn generated_file(dir: &Path, stem: &str, file: &str, bytes: Vec<u8>) -> Result<PathBuf> {
+    let dir = dir.join(stem);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(file);
+    std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
 /// Writes (when needed) the kernel described by `source` and returns its host path.
 ///
 /// `testguest` is the built test guest; generated kernels go to `dir/<stem>/`, named
@@ -109,13 +118,7 @@ pub fn materialise(
     dir: &Path,
     stem: &str,
 ) -> Result<PathBuf> {
-    let generated = |file: &str, bytes: Vec<u8>| -> Result<PathBuf> {
-        let dir = dir.join(stem);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(file);
-        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
-        Ok(path)
-    };
+    let generated = |file: &str, bytes: Vec<u8>| generated_file(dir, stem, file, bytes);
     match source {
         KernelSource::TestGuest => Ok(testguest.to_path_buf()),
         KernelSource::Path(p) => {
@@ -151,7 +154,15 @@ pub fn prepare(
             Ok(BundledDomain {
                 name: d.name.clone(),
                 kernel: materialise(&d.kernel, testguest, dir, stem)?,
-                ramdisk: None,
+                ramdisk: match d.ramdisk {
+                    Some((len, seed)) => Some(generated_file(
+                        dir,
+                        stem,
+                        "ramdisk.bin",
+                        garbage(len, seed),
+                    )?),
+                    None => None,
+                },
                 cmdline: d.cmdline.clone(),
                 memory_mib: d.memory_mib,
                 vcpus: d.vcpus,

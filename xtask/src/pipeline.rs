@@ -201,7 +201,7 @@ fn run_one(
     let cmd = qemu::command(&qemu::Boot {
         image,
         bundle: &bundle_path,
-        cmdline: "",
+        cmdline: s.hv_cmdline,
         cpu: s.cpu,
         domain_memory_mib: s.domains.iter().map(|d| d.memory_mib).sum(),
         serial: qemu::Serial::File(log.to_path_buf()),

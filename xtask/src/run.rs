@@ -108,6 +108,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 memory_mib: args.memory.unwrap_or(256),
                 vcpus: args.vcpus,
                 test_interface: false,
+                ramdisk: None,
             };
             (domain, PathBuf::new())
         }
