@@ -18,6 +18,10 @@ pub const EEXIST: i64 = 17;
 pub const EINVAL: i64 = 22;
 /// No space left.
 pub const ENOSPC: i64 = 28;
+/// No such process / domain.
+pub const ESRCH: i64 = 3;
+/// Timer expired.
+pub const ETIME: i64 = 62;
 /// Result out of range.
 pub const ERANGE: i64 = 34;
 /// Function not implemented.

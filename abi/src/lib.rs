@@ -11,8 +11,10 @@
 #![forbid(unsafe_code)]
 
 pub mod errno;
+pub mod event_channel;
 pub mod ferro;
 pub mod hypercall;
+pub mod shared_info;
 pub mod start_info;
 
 /// ELF note type carrying the 32-bit physical entry point of a PVH kernel

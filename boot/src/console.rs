@@ -41,6 +41,12 @@ pub fn init() {
     log::set_logger(&LOGGER).ok();
     log::set_max_level(log::LevelFilter::Info);
     hypervisor::console::install(write_fmt);
+    hypervisor::console::install_reader(read_byte);
+}
+
+/// A received byte, if the UART has one.
+pub fn read_byte() -> Option<u8> {
+    SERIAL.lock().0.as_mut()?.try_receive_byte().ok()
 }
 
 /// Writes formatted text to the console.

@@ -154,3 +154,21 @@ static mut BOOT_STACK: Page<BOOT_STACK_SIZE> = Page([0; BOOT_STACK_SIZE]);
 static mut BOOT_PML4: Page<4096> = Page([0; 4096]);
 static mut BOOT_PDPT: Page<4096> = Page([0; 4096]);
 static mut BOOT_PDS: Page<{ 4 * 4096 }> = Page([0; 4 * 4096]);
+
+/// Makes the 2 MiB page of the boot identity map that holds `pa` (below 4 GiB)
+/// uncacheable (PCD|PWT), for device registers such as the local APIC's.
+pub fn mark_uncached(pa: u64) {
+    let index = (pa >> 21) as usize;
+    if index >= 2048 {
+        return;
+    }
+    // SAFETY: the boot page directories are only written here and by the entry code
+    // (long before); the entry stays a present 2 MiB mapping of the same frame, so no
+    // live access is affected; CR3 is reloaded to drop the stale TLB entry.
+    unsafe {
+        let pds = (&raw mut BOOT_PDS).cast::<u64>();
+        let e = pds.add(index);
+        e.write_volatile(e.read_volatile() | 0x18);
+        core::arch::asm!("mov rax, cr3", "mov cr3, rax", out("rax") _, options(nostack));
+    }
+}

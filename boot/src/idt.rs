@@ -83,6 +83,18 @@ isr_common:
     hlt
     jmp 1b
 
+    .global ferrovisor_irq_timer
+ferrovisor_irq_timer:
+    push rax
+    mov rax, [rip + FERROVISOR_LAPIC_EOI]
+    mov dword ptr [rax], 0
+    pop rax
+    iretq
+
+    .global ferrovisor_irq_spurious
+ferrovisor_irq_spurious:
+    iretq
+
     .section .rodata
     .p2align 3
     .global ferrovisor_isr_table
@@ -125,6 +137,8 @@ ferrovisor_isr_table:
 
 unsafe extern "C" {
     static ferrovisor_isr_table: [u64; 32];
+    fn ferrovisor_irq_timer();
+    fn ferrovisor_irq_spurious();
 }
 
 /// The stack frame the stubs build (lowest address first).
@@ -215,7 +229,8 @@ static mut EXC_STACK: Stack = Stack([0; IST_SIZE]);
 static mut DF_STACK: Stack = Stack([0; IST_SIZE]);
 static TSS: spin::Once<TaskStateSegment> = spin::Once::new();
 static GDT: spin::Once<(GlobalDescriptorTable, [SegmentSelector; 3])> = spin::Once::new();
-static IDT: spin::Once<[[u64; 2]; 32]> = spin::Once::new();
+static IDT: spin::Once<[[u64; 2]; 256]> = spin::Once::new();
+static mut IRQ_STACK: Stack = Stack([0; IST_SIZE]);
 
 /// Loads the GDT (code, data, TSS) and the IDT. Call once, on the boot CPU.
 pub fn init() {
@@ -225,6 +240,8 @@ pub fn init() {
             VirtAddr::new(((&raw const EXC_STACK) as u64) + IST_SIZE as u64);
         tss.interrupt_stack_table[1] =
             VirtAddr::new(((&raw const DF_STACK) as u64) + IST_SIZE as u64);
+        tss.interrupt_stack_table[2] =
+            VirtAddr::new(((&raw const IRQ_STACK) as u64) + IST_SIZE as u64);
         tss
     });
     let (gdt, [code, data, tss_sel]) = GDT.call_once(|| {
@@ -235,22 +252,30 @@ pub fn init() {
         (gdt, [code, data, tss_sel])
     });
     let idt = IDT.call_once(|| {
-        let mut idt = [[0u64; 2]; 32];
-        for (v, slot) in idt.iter_mut().enumerate() {
+        let gate = |addr: u64, ist: u64| {
+            [
+                (addr & 0xffff)
+                    | (u64::from(code.0) << 16)
+                    | (ist << 32)
+                    | (0x8e << 40)
+                    | (((addr >> 16) & 0xffff) << 48),
+                addr >> 32,
+            ]
+        };
+        let mut idt = [[0u64; 2]; 256];
+        for (v, slot) in idt.iter_mut().take(32).enumerate() {
             // SAFETY: the table is immutable data emitted by the asm above.
             let addr = unsafe { ferrovisor_isr_table[v] };
-            let ist: u64 = if v == 8 || v == 2 || v == 18 { 2 } else { 1 };
-            slot[0] = (addr & 0xffff)
-                | (u64::from(code.0) << 16)
-                | (ist << 32)
-                | (0x8e << 40)
-                | (((addr >> 16) & 0xffff) << 48);
-            slot[1] = addr >> 32;
+            *slot = gate(addr, if v == 8 || v == 2 || v == 18 { 2 } else { 1 });
         }
+        let timer = hypervisor::arch::lapic::TIMER_VECTOR as usize;
+        idt[timer] = gate(ferrovisor_irq_timer as *const () as u64, 3);
+        let spurious = hypervisor::arch::lapic::SPURIOUS_VECTOR as usize;
+        idt[spurious] = gate(ferrovisor_irq_spurious as *const () as u64, 3);
         idt
     });
     let ptr = x86_64::structures::DescriptorTablePointer {
-        limit: (core::mem::size_of::<[[u64; 2]; 32]>() - 1) as u16,
+        limit: (core::mem::size_of::<[[u64; 2]; 256]>() - 1) as u16,
         base: VirtAddr::new(idt.as_ptr() as u64),
     };
     gdt.load();

@@ -79,6 +79,12 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     }
 
     mask_legacy_pic();
+    hypervisor::time::init(time::tsc_per_ms());
+    entry::mark_uncached(0xfee0_0000);
+    // SAFETY: once, on the boot CPU, interrupts off; the APIC page is identity-mapped
+    // and was just made uncacheable.
+    let apic_khz = unsafe { hypervisor::arch::lapic::init(time::tsc_per_ms()) };
+    log::info!("local APIC timer: {apic_khz} kHz");
 
     let features = match svm::detect() {
         Ok(f) => f,

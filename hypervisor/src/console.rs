@@ -2,6 +2,17 @@
 //! guest console lines go out with a `(d<id>) ` prefix next to the hypervisor's log.
 
 static WRITER: spin::Once<fn(core::fmt::Arguments<'_>)> = spin::Once::new();
+static READER: spin::Once<fn() -> Option<u8>> = spin::Once::new();
+
+/// Installs the function that returns a byte typed on the console, if any (once).
+pub fn install_reader(reader: fn() -> Option<u8>) {
+    READER.call_once(|| reader);
+}
+
+/// A byte of console input, if one is waiting.
+pub fn read_byte() -> Option<u8> {
+    READER.get().and_then(|r| r())
+}
 
 /// Installs the function that writes to the machine's console (once, at boot).
 pub fn install(writer: fn(core::fmt::Arguments<'_>)) {

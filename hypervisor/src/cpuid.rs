@@ -6,9 +6,12 @@ use abi::{XEN_CPUID_SIGNATURE, XEN_VERSION_MAJOR, XEN_VERSION_MINOR};
 
 /// Base of the hypervisor leaves.
 pub const HV_BASE: u32 = 0x4000_0000;
-/// Highest hypervisor leaf implemented. Xen's leaves 2..5 (hypercall page MSR, HVM
-/// features) arrive with the Xen PVH ABI; until then Linux does not take its Xen paths.
-pub const HV_MAX: u32 = HV_BASE + 1;
+/// Highest hypervisor leaf (Xen 4.17 has five).
+pub const HV_MAX: u32 = HV_BASE + 5;
+
+/// Leaf 0x40000004 eax: XEN_HVM_CPUID_X2APIC_VIRT (1), VCPU_ID_PRESENT (3),
+/// DOMID_PRESENT (4).
+pub const HVM_FEATURES: u32 = (1 << 1) | (1 << 3) | (1 << 4);
 
 /// XSAVE components offered to guests: x87, SSE, AVX (see `arch::svm::enable_fpu`).
 pub const GUEST_XCR0_MASK: u64 = 0x7;
@@ -22,6 +25,10 @@ pub struct GuestView {
     pub xcr0: u64,
     /// The vCPU's APIC id (leaf 1 ebx[31:24]).
     pub apic_id: u8,
+    /// vCPU id (leaf 0x40000004 ebx).
+    pub vcpu_id: u32,
+    /// Domain id (leaf 0x40000004 ecx).
+    pub domid: u16,
 }
 
 /// The guest's CPUID for `leaf`/`subleaf`; `host` runs the real instruction.
@@ -39,18 +46,24 @@ pub fn guest_cpuid(
             XEN_CPUID_SIGNATURE[2],
         ],
         0x4000_0001 => [(XEN_VERSION_MAJOR << 16) | XEN_VERSION_MINOR, 0, 0, 0],
-        0x4000_0002..=0x4fff_ffff => [0; 4],
+        // one hypercall page, written through MSR 0x40000000
+        0x4000_0002 => [1, crate::exits::HYPERCALL_PAGE_MSR, 0, 0],
+        0x4000_0004 => [HVM_FEATURES, view.vcpu_id, u32::from(view.domid), 0],
+        0x4000_0003 | 0x4000_0005..=0x4fff_ffff => [0; 4],
         1 => {
             let [eax, ebx, mut ecx, edx] = host(1, 0);
             ecx &= !((1 << 5)      // VMX
                 | (1 << 3)         // MONITOR/MWAIT
                 | (1 << 27)        // OSXSAVE (set below from the guest's CR4)
-                | (1 << 21)); // x2APIC: no local APIC is emulated yet
-            ecx |= 1 << 31; // running under a hypervisor
+                | (1 << 24)); // TSC deadline: the virtual APIC has one-shot/periodic only
+            ecx |= (1 << 31) | (1 << 21); // hypervisor present; x2APIC (see vlapic)
             if view.osxsave {
                 ecx |= 1 << 27;
             }
             let ebx = (ebx & 0x00ff_ffff) | (u32::from(view.apic_id) << 24);
+            // No machine-check architecture is emulated (MCE, MCA): Linux would read the
+            // MCG/MCi MSRs.
+            let edx = edx & !((1 << 7) | (1 << 14));
             [eax, ebx, ecx, edx]
         }
         7 if subleaf == 0 => {
@@ -65,13 +78,15 @@ pub fn guest_cpuid(
                 | (1 << 30)
                 | (1 << 31)
                 | (1 << 25));
-            ecx &= !((1 << 3) | (1 << 4) | (1 << 1)); // PKU, OSPKE, AVX512_VBMI
+            // PKU, OSPKE, AVX512_VBMI; RDPID (needs TSC_AUX, which is not switched)
+            ecx &= !((1 << 3) | (1 << 4) | (1 << 1) | (1 << 22));
             [eax, ebx, ecx, edx]
         }
         0xd => xsave_leaf(subleaf, view.xcr0, &host),
         0x8000_0001 => {
             let [eax, ebx, ecx, edx] = host(0x8000_0001, 0);
-            [eax, ebx, ecx & !(1 << 2), edx] // no nested SVM
+            // no nested SVM; no RDTSCP (TSC_AUX is not switched per guest)
+            [eax, ebx, ecx & !(1 << 2), edx & !(1 << 27)]
         }
         0x8000_000a => [0; 4],
         _ => host(leaf, subleaf),
@@ -132,6 +147,8 @@ mod tests {
         osxsave: false,
         xcr0: 1,
         apic_id: 3,
+        vcpu_id: 3,
+        domid: 7,
     };
 
     #[test]
@@ -145,6 +162,15 @@ mod tests {
         assert_eq!(sig, b"XenVMMXenVMM");
         assert_eq!(guest_cpuid(0x4000_0001, 0, VIEW, host)[0], 0x0004_0011);
         assert_eq!(guest_cpuid(0x4000_0003, 0, VIEW, host), [0; 4]);
+        assert_eq!(
+            guest_cpuid(0x4000_0002, 0, VIEW, host),
+            [1, 0x4000_0000, 0, 0]
+        );
+        assert_eq!(
+            guest_cpuid(0x4000_0004, 0, VIEW, host),
+            [HVM_FEATURES, 3, 7, 0]
+        );
+        assert_eq!(guest_cpuid(0x4000_0006, 0, VIEW, host), [0; 4]);
     }
 
     #[test]

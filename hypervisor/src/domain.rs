@@ -27,6 +27,8 @@ pub struct Counters {
     pub hypercalls: alloc::collections::BTreeMap<u64, u64>,
     /// Bytes written to the debug port.
     pub debug_port_bytes: u64,
+    /// Port I/O exits by port.
+    pub io_ports: alloc::collections::BTreeMap<u16, u64>,
     /// Reads from ports nothing decodes.
     pub unclaimed_port_reads: u64,
     /// Emulated reads/writes of unbacked guest-physical memory.
@@ -62,12 +64,22 @@ pub struct DomainCore {
     pub mem: GuestMemory,
     /// Nested page tables mirroring `mem`.
     pub npt: PageTable<Npt>,
+    /// Xen state: shared_info, vCPU placement and timers, HVM parameters.
+    pub xen: crate::xen::XenDomain,
+    /// Event channels (2-level).
+    pub evtchn: crate::evtchn::EventChannels,
     /// Counters.
     pub counters: Counters,
     /// The ramdisk as loaded: (guest-physical address, length, FNV-1a of its bytes).
     pub ramdisk: Option<(u64, u64, u64)>,
     /// Partial console line (flushed at newline).
     console: Vec<u8>,
+    /// Guest-physical address of the console ring (`struct xencons_interface`).
+    pub console_ring: u64,
+    /// The guest's E820 memory map: (address, size, type).
+    pub e820: Vec<(u64, u64, u32)>,
+    /// The nested page tables changed: flush guest TLBs at the next entry.
+    pub tlb_flush_needed: bool,
     /// Things already logged once (unknown hypercalls, MSRs, ports).
     logged: BTreeSet<(u8, u64)>,
 }
@@ -86,6 +98,13 @@ pub enum BuildError {
     /// A file the config names is not in the boot bundle.
     MissingFile { what: &'static str, path: String },
     /// The kernel is not a loadable PVH image.
+    KernelImage {
+        /// The kernel's path in the bundle.
+        path: String,
+        /// What is wrong with it.
+        error: crate::bzimage::BzImageError,
+    },
+    /// The kernel is not a loadable PVH ELF.
     Kernel {
         path: String,
         error: loader::LoadError,
@@ -109,6 +128,7 @@ impl core::fmt::Display for BuildError {
                 write!(f, "{what} '{path}' is not in the boot bundle")
             }
             BuildError::Kernel { path, error } => write!(f, "kernel '{path}' {error}"),
+            BuildError::KernelImage { path, error } => write!(f, "kernel '{path}' {error}"),
             BuildError::OutOfMemory { wanted, free } => write!(
                 f,
                 "needs {} MiB but only {} MiB are free: lower `memory` or give the machine more",
@@ -124,6 +144,12 @@ impl core::fmt::Display for BuildError {
         }
     }
 }
+
+/// Bytes at the top of a domain's memory reserved for ACPI tables (first 48 KiB) and
+/// special pages.
+pub const SPECIAL_AREA: u64 = 64 * 1024;
+/// Offset of the console ring page in the special area.
+pub const CONSOLE_PAGE_OFFSET: u64 = 0xe000;
 
 fn page_up(x: u64) -> u64 {
     x.next_multiple_of(4096)
@@ -146,10 +172,47 @@ impl Domain {
                 path: path.into(),
             }),
         };
-        let kernel = find("kernel", &config.kernel)?;
+        let kernel_file = find("kernel", &config.kernel)?;
         let kerr = |error| BuildError::Kernel {
             path: config.kernel.clone(),
             error,
+        };
+        let imgerr = |error| BuildError::KernelImage {
+            path: config.kernel.clone(),
+            error,
+        };
+        // What Xen users pass as `kernel =`: an ELF, or a bzImage whose payload Xen's
+        // PVH loader decompresses itself (into frames outside the heap: 66 MB for
+        // Debian's kernel).
+        let mut scratch = None;
+        let kernel: &[u8] = match crate::bzimage::identify(kernel_file) {
+            Ok(crate::bzimage::KernelFormat::Elf(elf)) => elf,
+            Ok(crate::bzimage::KernelFormat::BzImage {
+                payload,
+                compression,
+                decompressed_len,
+            }) => {
+                let t0 = crate::time::now_ns();
+                let mut buf = crate::memory::ScratchBuffer::new(decompressed_len).ok_or(
+                    BuildError::OutOfMemory {
+                        wanted: decompressed_len as u64,
+                        free: crate::frames::free_count() * 4096,
+                    },
+                )?;
+                let n = crate::bzimage::decompress(payload, compression, buf.as_mut_slice())
+                    .map_err(imgerr)?;
+                log::info!(
+                    "d{id}: kernel '{}' is a bzImage with a {} payload: {} -> {} bytes in {} ms",
+                    config.kernel,
+                    compression.name(),
+                    payload.len(),
+                    n,
+                    (crate::time::now_ns() - t0) / 1_000_000
+                );
+                &scratch.insert((buf, n)).0.as_mut_slice()[..n]
+            }
+            Err(crate::bzimage::BzImageError::NotAKernel { .. }) => kernel_file,
+            Err(e) => return Err(imgerr(e)),
         };
         let plan = loader::parse_pvh(kernel).map_err(kerr)?;
         let size = config.memory_mib << 20;
@@ -157,7 +220,17 @@ impl Domain {
             wanted: e.wanted,
             free: e.free,
         })?;
-        loader::load(&plan, kernel, &mut mem, size).map_err(kerr)?;
+        if size < 2 * SPECIAL_AREA {
+            return Err(BuildError::TooSmall {
+                what: "the domain",
+                need: 2 * SPECIAL_AREA,
+                have: size,
+            });
+        }
+        // The top of guest memory holds what a toolstack would put there: ACPI tables
+        // and the console ring (reserved in the E820 map); the rest is RAM.
+        let ram_end = size - SPECIAL_AREA;
+        loader::load(&plan, kernel, &mut mem, ram_end).map_err(kerr)?;
 
         // Boot information goes in the pages after the kernel (and ramdisk): the
         // module list, start_info, memory map and command line, all below 1 GiB.
@@ -167,7 +240,7 @@ impl Domain {
         if let Some(path) = &config.ramdisk {
             let rd = find("ramdisk", path)?;
             let end = next + rd.len() as u64;
-            if end > size || !mem.write(next, rd) {
+            if end > ram_end || !mem.write(next, rd) {
                 return Err(BuildError::TooSmall {
                     what: "ramdisk",
                     need: end,
@@ -184,21 +257,39 @@ impl Domain {
             next = page_up(end);
         }
         let info_gpa = next;
-        let memmap = [HvmMemmapEntry {
-            addr: 0,
-            size,
-            type_: MEMMAP_TYPE_RAM,
-            reserved: 0,
-        }];
+        let memmap = [
+            HvmMemmapEntry {
+                addr: 0,
+                size: ram_end,
+                type_: MEMMAP_TYPE_RAM,
+                reserved: 0,
+            },
+            HvmMemmapEntry {
+                addr: ram_end,
+                size: SPECIAL_AREA,
+                type_: abi::start_info::MEMMAP_TYPE_RESERVED,
+                reserved: 0,
+            },
+        ];
         let modlist_gpa = info_gpa + 64;
         let memmap_gpa = modlist_gpa + 32 * modules.len() as u64;
         let cmdline_gpa = memmap_gpa + 24 * memmap.len() as u64;
         let cmdline = config.cmdline.as_bytes();
         let info_end = cmdline_gpa + cmdline.len() as u64 + 1;
-        if info_end > size.min(1 << 30) {
+        if info_end > ram_end.min(1 << 30) {
             return Err(BuildError::TooSmall {
                 what: "boot information",
                 need: info_end,
+                have: size,
+            });
+        }
+        // ACPI tables (hardware-reduced, a MADT entry per vCPU) at the start of the
+        // reserved area.
+        let acpi = crate::guest_acpi::build(ram_end, config.vcpus.max(1), false);
+        if acpi.tables.len() as u64 > CONSOLE_PAGE_OFFSET || !mem.write(ram_end, &acpi.tables) {
+            return Err(BuildError::TooSmall {
+                what: "ACPI tables",
+                need: ram_end + acpi.tables.len() as u64,
                 have: size,
             });
         }
@@ -209,7 +300,7 @@ impl Domain {
             nr_modules: modules.len() as u32,
             modlist_paddr: if modules.is_empty() { 0 } else { modlist_gpa },
             cmdline_paddr: cmdline_gpa,
-            rsdp_paddr: 0,
+            rsdp_paddr: acpi.rsdp_gpa,
             memmap_paddr: memmap_gpa,
             memmap_entries: memmap.len() as u32,
             reserved: 0,
@@ -257,6 +348,23 @@ impl Domain {
                 .map_err(|e| BuildError::Paging(format!("{e}")))?;
         }
 
+        let mut xen = crate::xen::XenDomain::new(&mut mem, config.vcpus.max(1), 0).ok_or(
+            BuildError::OutOfMemory {
+                wanted: 4096,
+                free: crate::frames::free_count() * 4096,
+            },
+        )?;
+        let console_gpa = ram_end + CONSOLE_PAGE_OFFSET;
+        xen.params[crate::xen::param::CONSOLE_PFN as usize] = console_gpa >> 12;
+        let mut evtchn = crate::evtchn::EventChannels::new(
+            id,
+            config.vcpus.max(1),
+            crate::evtchn::DEFAULT_MAX_PORTS,
+        );
+        let console_port = evtchn
+            .alloc_unbound_for_hypervisor()
+            .map_err(|_| BuildError::Paging(String::from("no event channel for the console")))?;
+        xen.params[crate::xen::param::CONSOLE_EVTCHN as usize] = u64::from(console_port);
         let entry = PvhEntry {
             entry: plan.entry,
             start_info: info_gpa,
@@ -287,9 +395,14 @@ impl Domain {
                 config,
                 mem,
                 npt,
+                xen,
+                evtchn,
                 counters: Counters::default(),
                 ramdisk,
                 console: Vec::new(),
+                tlb_flush_needed: false,
+                console_ring: console_gpa,
+                e820: memmap.iter().map(|e| (e.addr, e.size, e.type_)).collect(),
                 logged: BTreeSet::new(),
             },
             vcpus,
@@ -358,6 +471,220 @@ impl DomainCore {
     /// True the first time `(kind, key)` is seen: for log-once messages.
     pub fn first_time(&mut self, kind: u8, key: u64) -> bool {
         self.logged.insert((kind, key))
+    }
+
+    /// Maps guest frame `gfn` to host frame `hpa` (one of the domain's special frames)
+    /// in both the guest-physical view and the nested page tables, replacing RAM there.
+    pub fn map_special(&mut self, gfn: u64, hpa: u64) -> Result<(), crate::paging::MapError> {
+        let mut pm = HostPhysMem;
+        let gpa = gfn << 12;
+        if self.npt.translate(&pm, gpa).is_some() {
+            self.npt.unmap(&mut pm, gpa, PageSize::Size4K)?;
+        }
+        self.npt.map(
+            &mut pm,
+            gpa,
+            hpa,
+            PageSize::Size4K,
+            Perms {
+                read: true,
+                write: true,
+                exec: true,
+                user: true,
+            },
+        )?;
+        if !self.mem.overlay(gfn, hpa) {
+            return Err(crate::paging::MapError::NotMapped);
+        }
+        self.tlb_flush_needed = true;
+        Ok(())
+    }
+
+    /// A timer of vCPU `v` fired: raise its VIRQ_TIMER (once event channels exist,
+    /// see `evtchn`) and make a blocked vCPU runnable.
+    pub fn timer_fired(&mut self, v: u32) {
+        let virq = abi::event_channel::VIRQ_TIMER;
+        let mut m = crate::xen::GuestEventMemory {
+            xen: &self.xen,
+            mem: &mut self.mem,
+        };
+        if let Some(r) = self.evtchn.raise_virq(virq, v, &mut m) {
+            let port = self.evtchn.virq_port(virq, v).unwrap_or(0);
+            self.apply_raise(port, r);
+        }
+    }
+
+    /// The vector to inject into vCPU `v` now: its event-channel upcall is pending and
+    /// a callback vector is set up.
+    pub fn pending_upcall(&self, v: u32) -> Option<u8> {
+        let vector = self.xen.callback_vector(v)?;
+        self.xen.upcall_pending(&self.mem, v).then_some(vector)
+    }
+
+    /// Marks local event-channel `port` pending (2-level delivery) and wakes the vCPU
+    /// it is bound to.
+    pub fn raise_port(&mut self, port: u32) {
+        let mut m = crate::xen::GuestEventMemory {
+            xen: &self.xen,
+            mem: &mut self.mem,
+        };
+        if let Some(r) = self.evtchn.hypervisor_notify(port, &mut m) {
+            self.apply_raise(port, r);
+        }
+    }
+
+    /// Wakes whoever a newly pending event concerns: the vCPU that needs the upcall,
+    /// and vCPUs polling the port.
+    pub fn apply_raise(&mut self, port: u32, r: crate::evtchn::Raise) {
+        use crate::xen::RunState;
+        if let Some(v) = r.upcall {
+            if let Some(s) = self.xen.vcpus.get_mut(v as usize) {
+                if s.state == RunState::Blocked {
+                    s.state = RunState::Runnable;
+                }
+            }
+        }
+        if r.newly_pending {
+            for s in self.xen.vcpus.iter_mut() {
+                if let RunState::Polling { ports, .. } = &s.state {
+                    if ports.contains(&port) {
+                        s.state = RunState::Runnable;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Would vCPU `v` take an event if it ran now (wakes blocked vCPUs)?
+    pub fn event_deliverable(&self, v: u32) -> bool {
+        self.pending_upcall(v).is_some()
+            || self
+                .xen
+                .vcpus
+                .get(v as usize)
+                .is_some_and(|s| s.apic.deliverable().is_some())
+    }
+
+    /// Delivers an IPI vCPU `from` sent through its APIC.
+    pub fn send_ipi(&mut self, from: u32, ipi: crate::vlapic::Ipi) {
+        use crate::vlapic::{Dest, Ipi};
+        let n = self.xen.vcpus.len() as u32;
+        let targets = |dest: Dest| -> Vec<u32> {
+            match dest {
+                Dest::One(id) => (id < n).then_some(id).into_iter().collect(),
+                Dest::AllIncludingSelf => (0..n).collect(),
+                Dest::AllButSelf => (0..n).filter(|&v| v != from).collect(),
+            }
+        };
+        match ipi {
+            Ipi::Fixed { vector, dest } => {
+                for t in targets(dest) {
+                    let s = &mut self.xen.vcpus[t as usize];
+                    s.apic.raise(vector);
+                    if s.state == crate::xen::RunState::Blocked {
+                        s.state = crate::xen::RunState::Runnable;
+                    }
+                }
+            }
+            Ipi::Init(dest) => {
+                for t in targets(dest).into_iter().filter(|&t| t != 0) {
+                    let s = &mut self.xen.vcpus[t as usize];
+                    s.state = crate::xen::RunState::Down;
+                    s.wait_for_sipi = true;
+                }
+            }
+            Ipi::Startup { vector, dest } => {
+                for t in targets(dest) {
+                    let s = &mut self.xen.vcpus[t as usize];
+                    if s.wait_for_sipi {
+                        s.wait_for_sipi = false;
+                        s.sipi = Some(vector);
+                        s.apic = crate::vlapic::Vlapic::new(t);
+                        s.state = crate::xen::RunState::Runnable;
+                        log::info!(
+                            "d{}: vcpu{t} started by SIPI at {:#x}",
+                            self.id,
+                            u32::from(vector) << 12
+                        );
+                    }
+                }
+            }
+            Ipi::Nmi(_) => {
+                if self.first_time(5, 0) {
+                    log::warn!("d{}: NMI IPIs are not delivered (logged once)", self.id);
+                }
+            }
+        }
+    }
+
+    /// Signals the guest's console event channel (after the hypervisor consumed output
+    /// or produced input).
+    pub fn notify_console(&mut self) {
+        let port = self.xen.params[crate::xen::param::CONSOLE_EVTCHN as usize] as u32;
+        if port != 0 {
+            self.raise_port(port);
+        }
+    }
+
+    /// Puts typed bytes into the console ring's input side; returns how many fit.
+    pub fn console_input(&mut self, bytes: &[u8]) -> usize {
+        const IN_SIZE: u32 = 1024;
+        let mut idx = [0u8; 8];
+        if !self.mem.read(self.console_ring + 3072, &mut idx) {
+            return 0;
+        }
+        let cons = u32::from_le_bytes([idx[0], idx[1], idx[2], idx[3]]);
+        let mut prod = u32::from_le_bytes([idx[4], idx[5], idx[6], idx[7]]);
+        let mut n = 0;
+        for &b in bytes {
+            if prod.wrapping_sub(cons) >= IN_SIZE {
+                break;
+            }
+            self.mem
+                .write(self.console_ring + u64::from(prod % IN_SIZE), &[b]);
+            prod = prod.wrapping_add(1);
+            n += 1;
+        }
+        self.mem
+            .write(self.console_ring + 3076, &prod.to_le_bytes());
+        n
+    }
+
+    /// Drains the console ring's output side (hvc0): prints it with the domain prefix.
+    /// Returns true when bytes were consumed (the guest should be notified). The
+    /// indexes are read once and validated; a corrupt ring is reported and reset.
+    pub fn service_console(&mut self) -> bool {
+        const OUT: u64 = 1024;
+        const OUT_SIZE: u32 = 2048;
+        let mut idx = [0u8; 8];
+        if !self.mem.read(self.console_ring + 3080, &mut idx) {
+            return false;
+        }
+        let cons = u32::from_le_bytes([idx[0], idx[1], idx[2], idx[3]]);
+        let prod = u32::from_le_bytes([idx[4], idx[5], idx[6], idx[7]]);
+        let avail = prod.wrapping_sub(cons);
+        if avail == 0 {
+            return false;
+        }
+        if avail > OUT_SIZE {
+            if self.first_time(6, 0) {
+                log::warn!("d{}: console ring indexes corrupt (cons {cons}, prod {prod}); skipping to prod", self.id);
+            }
+            self.mem
+                .write(self.console_ring + 3080, &prod.to_le_bytes());
+            return true;
+        }
+        let mut buf = [0u8; OUT_SIZE as usize];
+        for i in 0..avail {
+            let off = u64::from(cons.wrapping_add(i) % OUT_SIZE);
+            let mut b = [0u8; 1];
+            self.mem.read(self.console_ring + OUT + off, &mut b);
+            buf[i as usize] = b[0];
+        }
+        self.console_write(&buf[..avail as usize]);
+        self.mem
+            .write(self.console_ring + 3080, &prod.to_le_bytes());
+        true
     }
 
     /// The domain's display name.

@@ -29,7 +29,7 @@ pub(crate) const LOG_HYPERCALL: u8 = 4;
 const VEC_GP: u8 = 13;
 
 /// Handles one exit of `cpu`, a vCPU of domain `d`.
-pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu, exit: Exit) -> Flow {
+pub fn handle(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu, exit: Exit) -> Flow {
     let bucket = match exit {
         Exit::Hypercall => 0,
         Exit::Cpuid => 1,
@@ -43,14 +43,16 @@ pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu, exit: Exit) -> Flow {
     };
     d.counters.exits[bucket] += 1;
     match exit {
-        Exit::Hypercall => crate::hypercall::handle(d, cpu),
+        Exit::Hypercall => crate::hypercall::handle(d, vcpu, cpu),
         Exit::Cpuid => {
             let leaf = cpu.reg(reg::RAX) as u32;
             let sub = cpu.reg(reg::RCX) as u32;
             let view = GuestView {
                 osxsave: cpu.paging().cr4 & (1 << 18) != 0,
                 xcr0: cpu.xcr0(),
-                apic_id: 0,
+                apic_id: vcpu as u8,
+                vcpu_id: vcpu,
+                domid: d.id,
             };
             let r = cpuid::guest_cpuid(leaf, sub, view, x86::cpuid);
             for (i, reg) in [reg::RAX, reg::RBX, reg::RCX, reg::RDX]
@@ -62,7 +64,7 @@ pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu, exit: Exit) -> Flow {
             skip(d, cpu, None)
         }
         Exit::Io(io) => port_io(d, cpu, io),
-        Exit::Msr { write } => msr(d, cpu, write),
+        Exit::Msr { write } => msr(d, vcpu, cpu, write),
         Exit::NestedPageFault {
             gpa,
             write,
@@ -74,12 +76,20 @@ pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu, exit: Exit) -> Flow {
             // sent to guests), so it is taken as the vCPU going down; with every vCPU
             // down the domain powers off.
             if cpu_rflags_if(cpu) {
-                Flow::End(DomainEnd::Crashed(format!(
-                    "halted at rip {:#x} waiting for an interrupt, but no interrupt source exists yet",
-                    cpu.rip()
-                )))
+                // Waits for an interrupt: the scheduler wakes it on an event or timer.
+                d.xen.vcpus[vcpu as usize].state = crate::xen::RunState::Blocked;
+                skip(d, cpu, Some(1))
             } else {
-                Flow::End(DomainEnd::Shutdown(abi::hypercall::SHUTDOWN_POWEROFF))
+                d.xen.vcpus[vcpu as usize].state = crate::xen::RunState::Down;
+                if d.xen
+                    .vcpus
+                    .iter()
+                    .all(|s| s.state == crate::xen::RunState::Down)
+                {
+                    Flow::End(DomainEnd::Shutdown(abi::hypercall::SHUTDOWN_POWEROFF))
+                } else {
+                    skip(d, cpu, Some(1))
+                }
             }
         }
         Exit::Xsetbv => {
@@ -192,6 +202,7 @@ pub fn skip(d: &mut DomainCore, cpu: &mut dyn GuestCpu, len: Option<u64>) -> Flo
 }
 
 fn port_io(d: &mut DomainCore, cpu: &mut dyn GuestCpu, io: IoExit) -> Flow {
+    *d.counters.io_ports.entry(io.port).or_insert(0) += 1;
     if io.string {
         return Flow::End(DomainEnd::Crashed(format!(
             "string port I/O ({}S to port {:#x}) is not emulated",
@@ -230,10 +241,54 @@ fn port_io(d: &mut DomainCore, cpu: &mut dyn GuestCpu, io: IoExit) -> Flow {
     Flow::Continue
 }
 
-fn msr(d: &mut DomainCore, cpu: &mut dyn GuestCpu, write: bool) -> Flow {
+fn msr(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu, write: bool) -> Flow {
     let m = cpu.reg(reg::RCX) as u32;
     if write {
         let v = (cpu.reg(reg::RDX) << 32) | (cpu.reg(reg::RAX) & 0xffff_ffff);
+        if m == HYPERCALL_PAGE_MSR {
+            return hypercall_page(d, cpu, v);
+        }
+        if m == 0x8b {
+            return skip(d, cpu, Some(2)); // microcode signature reset: nothing to do
+        }
+        if crate::xen::is_mtrr(m) {
+            // types 0, 1, 4, 5, 6 only; MTRRdefType bits 10, 11 and the type
+            let bad_type = |t: u64| !matches!(t & 0xff, 0 | 1 | 4 | 5 | 6);
+            let ok = match m {
+                0x2ff => v & !0xcff == 0 && !bad_type(v),
+                0x200..=0x20f if m.is_multiple_of(2) => {
+                    !bad_type(v) && v >> 52 == 0 && v & 0xf00 == 0
+                }
+                0x200..=0x20f => v >> 52 == 0 && v & 0x7ff == 0,
+                _ => (0..8).all(|i| !bad_type(v >> (i * 8))),
+            };
+            if !ok {
+                return gp_for_msr(d, cpu, m, "invalid MTRR value");
+            }
+            d.xen.vcpus[vcpu as usize].mtrr.insert(m, v);
+            return skip(d, cpu, Some(2));
+        }
+        if m == x86::msr::APIC_BASE {
+            if d.xen.vcpus[vcpu as usize].apic.set_base(v) {
+                return skip(d, cpu, Some(2));
+            }
+            return gp_for_msr(d, cpu, m, "unsupported APIC base change");
+        }
+        if (crate::vlapic::MSR_BASE..=crate::vlapic::MSR_LAST).contains(&m) {
+            let r = d.xen.vcpus[vcpu as usize]
+                .apic
+                .write(m, v, crate::time::now_ns());
+            return match r {
+                crate::vlapic::Access::Ok(_) => skip(d, cpu, Some(2)),
+                crate::vlapic::Access::Sent(ipi) => {
+                    d.send_ipi(vcpu, ipi);
+                    skip(d, cpu, Some(2))
+                }
+                crate::vlapic::Access::Fault => {
+                    gp_for_msr(d, cpu, m, "x2APIC register access refused")
+                }
+            };
+        }
         match cpu.write_arch_msr(m, v) {
             Ok(true) => return skip(d, cpu, Some(2)),
             Ok(false) => {}
@@ -241,10 +296,33 @@ fn msr(d: &mut DomainCore, cpu: &mut dyn GuestCpu, write: bool) -> Flow {
         }
         gp_for_msr(d, cpu, m, "write to an MSR that is not offered")
     } else {
-        let v = match m {
-            x86::msr::TSC => Some(x86::rdtsc()),
-            _ => cpu.read_arch_msr(m),
-        };
+        let v =
+            match m {
+                x86::msr::TSC => Some(x86::rdtsc()),
+                x86::msr::APIC_BASE => Some(d.xen.vcpus[vcpu as usize].apic.base()),
+                // microcode patch level / BIOS signature: none
+                0x8b => Some(0),
+                0xfe => Some(crate::xen::MTRR_CAP),
+                m if crate::xen::is_mtrr(m) => {
+                    Some(d.xen.vcpus[vcpu as usize].mtrr.get(&m).copied().unwrap_or(
+                        if m == 0x2ff {
+                            crate::xen::MTRR_DEF_TYPE
+                        } else {
+                            0
+                        },
+                    ))
+                }
+                crate::vlapic::MSR_BASE..=crate::vlapic::MSR_LAST => {
+                    match d.xen.vcpus[vcpu as usize]
+                        .apic
+                        .read(m, crate::time::now_ns())
+                    {
+                        crate::vlapic::Access::Ok(v) => Some(v),
+                        _ => None,
+                    }
+                }
+                _ => cpu.read_arch_msr(m),
+            };
         match v {
             Some(v) => {
                 cpu.set_reg(reg::RAX, v & 0xffff_ffff);
@@ -254,6 +332,45 @@ fn msr(d: &mut DomainCore, cpu: &mut dyn GuestCpu, write: bool) -> Flow {
             None => gp_for_msr(d, cpu, m, "read of an MSR that is not offered"),
         }
     }
+}
+
+/// The MSR a guest writes its hypercall page's address to (CPUID 0x40000002 ebx).
+pub const HYPERCALL_PAGE_MSR: u32 = 0x4000_0000;
+
+/// Fills the guest page at `value & !0xfff` with hypercall stubs: 32 bytes each,
+/// `mov eax, nr; vmmcall|vmcall; ret`, `ud2` for the PV-only `iret`.
+fn hypercall_page(d: &mut DomainCore, cpu: &mut dyn GuestCpu, value: u64) -> Flow {
+    if value & 0xfff != 0 {
+        // only page index 0 exists (CPUID 0x40000002 eax = 1)
+        return gp_for_msr(
+            d,
+            cpu,
+            HYPERCALL_PAGE_MSR,
+            "hypercall page index out of range",
+        );
+    }
+    let insn = cpu.hypercall_instruction();
+    let mut page = [0xccu8; 4096];
+    for (nr, stub) in page.chunks_mut(32).enumerate() {
+        if nr as u64 == abi::hypercall::IRET {
+            stub[..2].copy_from_slice(&[0x0f, 0x0b]);
+            continue;
+        }
+        stub[0] = 0xb8;
+        stub[1..5].copy_from_slice(&(nr as u32).to_le_bytes());
+        stub[5..8].copy_from_slice(&insn);
+        stub[8] = 0xc3;
+    }
+    if !d.mem.write(value, &page) {
+        return gp_for_msr(
+            d,
+            cpu,
+            HYPERCALL_PAGE_MSR,
+            "hypercall page outside guest RAM",
+        );
+    }
+    log::debug!("d{}: hypercall page at {value:#x}", d.id);
+    skip(d, cpu, Some(2))
 }
 
 fn gp_for_msr(d: &mut DomainCore, cpu: &mut dyn GuestCpu, m: u32, why: &str) -> Flow {

@@ -8,6 +8,7 @@ use abi::hypercall as hc;
 use crate::domain::{DomainCore, DomainEnd};
 use crate::exits::{copy_from_guest, copy_to_guest, skip, Flow, LOG_HYPERCALL};
 use crate::vcpu::{reg, CodeMode, GuestCpu};
+use crate::xen::{param, RunState, VcpuInfoLoc};
 
 /// Length of VMMCALL/VMCALL, used when the hardware gives no next RIP.
 const HYPERCALL_INSN_LEN: u64 = 3;
@@ -17,7 +18,7 @@ const HYPERCALL_INSN_LEN: u64 = 3;
 pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
 
 /// Handles a VMMCALL/VMCALL exit.
-pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu) -> Flow {
+pub fn handle(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu) -> Flow {
     let nr = cpu.reg(reg::RAX);
     // 64-bit guests pass arguments in rdi, rsi, rdx, r10, r8; 32-bit ones in
     // ebx, ecx, edx, esi, edi (Xen's HVM hypercall ABI).
@@ -34,7 +35,12 @@ pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu) -> Flow {
         match nr {
             hc::XEN_VERSION => Ok(xen_version(d, cpu, args)),
             hc::CONSOLE_IO => Ok(console_io(d, cpu, args)),
-            hc::SCHED_OP => sched_op(d, cpu, args),
+            hc::SCHED_OP => sched_op(d, vcpu, cpu, args),
+            hc::MEMORY_OP => Ok(memory_op(d, cpu, args)),
+            hc::HVM_OP => Ok(hvm_op(d, cpu, args)),
+            hc::VCPU_OP => Ok(vcpu_op(d, vcpu, cpu, args)),
+            hc::SET_TIMER_OP => Ok(set_timer_op(d, vcpu, args)),
+            hc::EVENT_CHANNEL_OP => Ok(event_channel_op(d, vcpu, cpu, args)),
             abi::ferro::TEST_HYPERCALL if d.config.test_interface => {
                 Ok(crate::testiface::report(d, cpu, args))
             }
@@ -64,15 +70,45 @@ pub fn handle(d: &mut DomainCore, cpu: &mut dyn GuestCpu) -> Flow {
 }
 
 fn xen_version(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+    let put = |d: &mut DomainCore, data: &[u8]| match copy_to_guest(d, cpu, args[1], data) {
+        Ok(()) => 0,
+        Err(_) => ret(errno::EFAULT),
+    };
     match args[0] {
+        hc::XENVER_GET_FEATURES => {
+            let mut fi = [0u8; 8];
+            if copy_from_guest(d, cpu, args[1], &mut fi).is_err() {
+                return ret(errno::EFAULT);
+            }
+            let idx = u32::from_le_bytes([fi[0], fi[1], fi[2], fi[3]]);
+            let map = if idx == 0 { XEN_FEATURES } else { 0 };
+            fi[4..8].copy_from_slice(&map.to_le_bytes());
+            put(d, &fi)
+        }
+        hc::XENVER_PAGESIZE => 4096,
+        hc::XENVER_COMPILE_INFO => {
+            // struct xen_compile_info: compiler[64], compile_by[16], compile_domain[32], compile_date[32]
+            let mut ci = [0u8; 144];
+            ci[..6].copy_from_slice(b"rustc\0");
+            ci[64..74].copy_from_slice(b"ferrovisor");
+            put(d, &ci)
+        }
+        hc::XENVER_CAPABILITIES => {
+            let mut caps = [0u8; 1024];
+            let c = b"hvm-3.0-x86_64 hvm-3.0-x86_32 hvm-3.0-x86_32p";
+            caps[..c.len()].copy_from_slice(c);
+            put(d, &caps)
+        }
+        hc::XENVER_CHANGESET => {
+            let mut cs = [0u8; 64];
+            cs[..10].copy_from_slice(b"ferrovisor");
+            put(d, &cs)
+        }
         hc::XENVER_VERSION => u64::from((abi::XEN_VERSION_MAJOR << 16) | abi::XEN_VERSION_MINOR),
         hc::XENVER_EXTRAVERSION => {
             let mut s = [0u8; 16];
             s[..12].copy_from_slice(b".0-ferrovis\0");
-            match copy_to_guest(d, cpu, args[1], &s) {
-                Ok(()) => 0,
-                Err(_) => ret(errno::EFAULT),
-            }
+            put(d, &s)
         }
         other => {
             if d.first_time(LOG_HYPERCALL, 0x1_0000 | other) {
@@ -111,9 +147,22 @@ fn console_io(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
     }
 }
 
-fn sched_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> Result<u64, DomainEnd> {
+fn sched_op(
+    d: &mut DomainCore,
+    vcpu: u32,
+    cpu: &dyn GuestCpu,
+    args: [u64; 5],
+) -> Result<u64, DomainEnd> {
     match args[0] {
         hc::SCHEDOP_YIELD => Ok(0),
+        hc::SCHEDOP_BLOCK => {
+            // Linux blocks with events enabled; it wakes when an upcall is pending
+            // or a timer fires (the scheduler checks both).
+            if let Some(s) = d.xen.vcpus.get_mut(vcpu as usize) {
+                s.state = RunState::Blocked;
+            }
+            Ok(0)
+        }
         hc::SCHEDOP_SHUTDOWN => {
             let mut r = [0u8; 4];
             if copy_from_guest(d, cpu, args[1], &mut r).is_err() {
@@ -125,6 +174,42 @@ fn sched_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> Result<u6
             }
             Err(DomainEnd::Shutdown(reason))
         }
+        hc::SCHEDOP_POLL => {
+            let mut a = [0u8; 24];
+            if copy_from_guest(d, cpu, args[1], &mut a).is_err() {
+                return Ok(ret(errno::EFAULT));
+            }
+            let (list, nr, timeout) = (le_u64(&a, 0), le_u32(&a, 8), le_u64(&a, 16));
+            if nr > 128 {
+                return Ok(ret(errno::EINVAL)); // Xen caps the list at 128 ports
+            }
+            let mut raw = alloc::vec![0u8; nr as usize * 4];
+            if copy_from_guest(d, cpu, list, &mut raw).is_err() {
+                return Ok(ret(errno::EFAULT));
+            }
+            let ports: alloc::vec::Vec<u32> = raw
+                .chunks(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let m = crate::xen::GuestEventMemory {
+                xen: &d.xen,
+                mem: &mut d.mem,
+            };
+            if ports.iter().any(|&p| p >= d.evtchn.max_ports()) {
+                return Ok(ret(errno::EINVAL));
+            }
+            if ports
+                .iter()
+                .any(|&p| crate::evtchn::EventMemory::is_pending(&m, p))
+            {
+                return Ok(0);
+            }
+            let deadline = (timeout != 0).then_some(timeout);
+            if let Some(s) = d.xen.vcpus.get_mut(vcpu as usize) {
+                s.state = RunState::Polling { ports, deadline };
+            }
+            Ok(0)
+        }
         other => {
             if d.first_time(LOG_HYPERCALL, 0x2_0000 | other) {
                 log::info!(
@@ -135,4 +220,477 @@ fn sched_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> Result<u6
             Ok(ret(errno::ENOSYS))
         }
     }
+}
+
+/// XENFEAT_* bits reported in submap 0: auto_translated_physmap (2),
+/// hvm_callback_vector (8), hvm_safe_pvclock (9), the set Linux requires of a PVH host.
+pub const XEN_FEATURES: u32 = (1 << 2) | (1 << 8) | (1 << 9);
+
+/// `DOMID_SELF`
+const DOMID_SELF: u16 = 0x7ff0;
+
+fn le_u16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn le_u32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+}
+fn le_u64(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+}
+
+fn self_domid(d: &DomainCore, domid: u16) -> bool {
+    domid == DOMID_SELF || domid == d.id
+}
+
+fn memory_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+    // The low bits carry the sub-op; bits above MEMOP_EXTENT_SHIFT (6) are a
+    // continuation start, which a first call never has.
+    let cmd = args[0] & 0x3f;
+    match cmd {
+        hc::XENMEM_ADD_TO_PHYSMAP => {
+            let mut a = [0u8; 24];
+            if copy_from_guest(d, cpu, args[1], &mut a).is_err() {
+                return ret(errno::EFAULT);
+            }
+            let (domid, space, idx, gpfn) =
+                (le_u16(&a, 0), le_u32(&a, 4), le_u64(&a, 8), le_u64(&a, 16));
+            if !self_domid(d, domid) {
+                return ret(errno::EPERM);
+            }
+            if gpfn >= (1 << 40) {
+                return ret(errno::EINVAL);
+            }
+            match space {
+                hc::XENMAPSPACE_SHARED_INFO if idx == 0 => {
+                    let hpa = d.xen.shared_info;
+                    match d.map_special(gpfn, hpa) {
+                        Ok(()) => {
+                            log::debug!("d{}: shared_info mapped at gfn {gpfn:#x}", d.id);
+                            0
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "d{}: add_to_physmap(shared_info, gfn {gpfn:#x}) failed: {e}",
+                                d.id
+                            );
+                            ret(errno::ENOMEM)
+                        }
+                    }
+                }
+                hc::XENMAPSPACE_SHARED_INFO => ret(errno::EINVAL),
+                other => {
+                    if d.first_time(LOG_HYPERCALL, 0x3_0000 | u64::from(other)) {
+                        log::info!("d{}: add_to_physmap space {other} is not implemented: -ENOSYS (logged once)", d.id);
+                    }
+                    ret(errno::ENOSYS)
+                }
+            }
+        }
+        hc::XENMEM_MEMORY_MAP => {
+            let mut a = [0u8; 16];
+            if copy_from_guest(d, cpu, args[1], &mut a).is_err() {
+                return ret(errno::EFAULT);
+            }
+            let (nr, buf) = (le_u32(&a, 0), le_u64(&a, 8));
+            let map = d.e820.clone();
+            if (nr as usize) < map.len() {
+                return ret(errno::EINVAL);
+            }
+            let mut out = alloc::vec::Vec::new();
+            for (addr, size, ty) in &map {
+                out.extend_from_slice(&addr.to_le_bytes());
+                out.extend_from_slice(&size.to_le_bytes());
+                out.extend_from_slice(&ty.to_le_bytes());
+            }
+            if copy_to_guest(d, cpu, buf, &out).is_err()
+                || copy_to_guest(d, cpu, args[1], &(map.len() as u32).to_le_bytes()).is_err()
+            {
+                return ret(errno::EFAULT);
+            }
+            0
+        }
+        other => {
+            if d.first_time(LOG_HYPERCALL, 0x4_0000 | other) {
+                log::info!(
+                    "d{}: memory_op {other} is not implemented: -ENOSYS (logged once)",
+                    d.id
+                );
+            }
+            ret(errno::ENOSYS)
+        }
+    }
+}
+
+fn hvm_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+    match args[0] {
+        hc::HVMOP_SET_PARAM | hc::HVMOP_GET_PARAM => {
+            let mut a = [0u8; 16];
+            if copy_from_guest(d, cpu, args[1], &mut a).is_err() {
+                return ret(errno::EFAULT);
+            }
+            let (domid, index, value) = (le_u16(&a, 0), le_u32(&a, 4), le_u64(&a, 8));
+            if !self_domid(d, domid) {
+                return ret(errno::EPERM);
+            }
+            if index >= param::NR {
+                return ret(errno::EINVAL);
+            }
+            if args[0] == hc::HVMOP_SET_PARAM {
+                // A domU may only set the callback; the rest belong to the toolstack.
+                if index != param::CALLBACK_IRQ {
+                    return ret(errno::EPERM);
+                }
+                let via = value >> 56;
+                if via == 2 && !(0x10..=0xff).contains(&(value & 0xff)) {
+                    return ret(errno::EINVAL);
+                }
+                d.xen.params[index as usize] = value;
+                log::debug!("d{}: HVM callback set to {value:#x}", d.id);
+                0
+            } else {
+                let v = d.xen.params[index as usize];
+                a[8..16].copy_from_slice(&v.to_le_bytes());
+                match copy_to_guest(d, cpu, args[1], &a) {
+                    Ok(()) => 0,
+                    Err(_) => ret(errno::EFAULT),
+                }
+            }
+        }
+        other => {
+            if d.first_time(LOG_HYPERCALL, 0x5_0000 | other) {
+                log::info!(
+                    "d{}: hvm_op {other} is not implemented: -ENOSYS (logged once)",
+                    d.id
+                );
+            }
+            ret(errno::ENOSYS)
+        }
+    }
+}
+
+fn vcpu_op(d: &mut DomainCore, vcpu: u32, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+    let (cmd, target) = (args[0], args[1] as u32);
+    let Some(state) = d.xen.vcpus.get(target as usize) else {
+        return ret(errno::ENOENT);
+    };
+    let _ = state;
+    match cmd {
+        hc::VCPUOP_IS_UP => u64::from(d.xen.vcpus[target as usize].state != RunState::Down),
+        hc::VCPUOP_REGISTER_VCPU_INFO => {
+            let mut a = [0u8; 16];
+            if copy_from_guest(d, cpu, args[2], &mut a).is_err() {
+                return ret(errno::EFAULT);
+            }
+            let (mfn, offset) = (le_u64(&a, 0), u64::from(le_u32(&a, 8)));
+            let gpa = (mfn << 12).wrapping_add(offset);
+            if offset + crate::xen::VCPU_INFO_SIZE > 4096 || mfn >= (1 << 40) {
+                return ret(errno::EINVAL);
+            }
+            if matches!(
+                d.xen.vcpus[target as usize].vcpu_info,
+                VcpuInfoLoc::Guest(_)
+            ) {
+                return ret(errno::EINVAL); // Xen allows registering once
+            }
+            // Move the current contents, then point the vCPU there.
+            let mut cur = [0u8; 64];
+            let had = d.xen.vcpu_info_read(&d.mem, target, 0, &mut cur);
+            if !d.mem.write(gpa, if had { &cur } else { &[0u8; 64] }) {
+                return ret(errno::EINVAL);
+            }
+            d.xen.vcpus[target as usize].vcpu_info = VcpuInfoLoc::Guest(gpa);
+            d.xen.write_time_info(&mut d.mem, target);
+            log::debug!("d{}: vcpu{target} vcpu_info at {gpa:#x}", d.id);
+            0
+        }
+        hc::VCPUOP_REGISTER_RUNSTATE_MEMORY_AREA => {
+            let mut a = [0u8; 8];
+            if copy_from_guest(d, cpu, args[2], &mut a).is_err() {
+                return ret(errno::EFAULT);
+            }
+            let area = le_u64(&a, 0);
+            d.xen.vcpus[target as usize].runstate_area = (area != 0).then_some(area);
+            if target == vcpu && area != 0 {
+                crate::xen::write_runstate(d, vcpu, cpu);
+            }
+            0
+        }
+        hc::VCPUOP_SET_SINGLESHOT_TIMER => {
+            if target != vcpu {
+                return ret(errno::EINVAL);
+            }
+            let mut a = [0u8; 16];
+            if copy_from_guest(d, cpu, args[2], &mut a).is_err() {
+                return ret(errno::EFAULT);
+            }
+            let (deadline, flags) = (le_u64(&a, 0), le_u32(&a, 8));
+            if flags & 1 != 0 && deadline < crate::time::now_ns() {
+                return ret(errno::ETIME);
+            }
+            d.xen.vcpus[vcpu as usize].singleshot = Some(deadline);
+            0
+        }
+        hc::VCPUOP_STOP_SINGLESHOT_TIMER => {
+            if target != vcpu {
+                return ret(errno::EINVAL);
+            }
+            d.xen.vcpus[vcpu as usize].singleshot = None;
+            0
+        }
+        hc::VCPUOP_SET_PERIODIC_TIMER => {
+            if target != vcpu {
+                return ret(errno::EINVAL);
+            }
+            let mut a = [0u8; 8];
+            if copy_from_guest(d, cpu, args[2], &mut a).is_err() {
+                return ret(errno::EFAULT);
+            }
+            let period = le_u64(&a, 0);
+            if period < 1_000_000 {
+                return ret(errno::EINVAL); // Xen refuses periods below 1 ms
+            }
+            d.xen.vcpus[vcpu as usize].periodic = Some((period, crate::time::now_ns() + period));
+            0
+        }
+        hc::VCPUOP_STOP_PERIODIC_TIMER => {
+            if target != vcpu {
+                return ret(errno::EINVAL);
+            }
+            d.xen.vcpus[vcpu as usize].periodic = None;
+            0
+        }
+        other => {
+            if d.first_time(LOG_HYPERCALL, 0x6_0000 | other) {
+                log::info!(
+                    "d{}: vcpu_op {other} is not implemented: -ENOSYS (logged once)",
+                    d.id
+                );
+            }
+            ret(errno::ENOSYS)
+        }
+    }
+}
+
+fn event_channel_op(d: &mut DomainCore, vcpu: u32, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+    use crate::evtchn::Delivery;
+    use abi::event_channel as ec;
+    let cmd = args[0] as u32;
+    let size = match cmd {
+        ec::EVTCHNOP_BIND_VIRQ => ec::EvtchnBindVirq::SIZE,
+        ec::EVTCHNOP_BIND_IPI => ec::EvtchnBindIpi::SIZE,
+        ec::EVTCHNOP_ALLOC_UNBOUND => ec::EvtchnAllocUnbound::SIZE,
+        ec::EVTCHNOP_BIND_INTERDOMAIN => ec::EvtchnBindInterdomain::SIZE,
+        ec::EVTCHNOP_SEND | ec::EVTCHNOP_CLOSE | ec::EVTCHNOP_UNMASK => 4,
+        ec::EVTCHNOP_STATUS => ec::EvtchnStatus::SIZE,
+        ec::EVTCHNOP_BIND_VCPU => 8,
+        ec::EVTCHNOP_RESET => 2,
+        ec::EVTCHNOP_BIND_PIRQ => return ret(errno::EOPNOTSUPP),
+        other => {
+            // FIFO (init_control, expand_array, set_priority) comes later: Linux then
+            // keeps the 2-level ABI.
+            if d.first_time(LOG_HYPERCALL, 0x7_0000 | u64::from(other)) {
+                log::info!(
+                    "d{}: event_channel_op {other} is not implemented: -ENOSYS (logged once)",
+                    d.id
+                );
+            }
+            return ret(errno::ENOSYS);
+        }
+    };
+    let mut a = [0u8; 24];
+    if copy_from_guest(d, cpu, args[1], &mut a[..size]).is_err() {
+        return ret(errno::EFAULT);
+    }
+    let out = |d: &mut DomainCore, bytes: &[u8]| match copy_to_guest(d, cpu, args[1], bytes) {
+        Ok(()) => 0,
+        Err(_) => ret(errno::EFAULT),
+    };
+    let err = |e: crate::evtchn::Errno| ret(e);
+    match cmd {
+        ec::EVTCHNOP_BIND_VIRQ => {
+            let mut b = ec::EvtchnBindVirq::read(&a).expect("size");
+            match d.evtchn.bind_virq(b.virq, b.vcpu) {
+                Ok(p) => {
+                    b.port = p;
+                    out(d, &b.to_bytes())
+                }
+                Err(e) => err(e),
+            }
+        }
+        ec::EVTCHNOP_BIND_IPI => {
+            let mut b = ec::EvtchnBindIpi::read(&a).expect("size");
+            match d.evtchn.bind_ipi(b.vcpu) {
+                Ok(p) => {
+                    b.port = p;
+                    out(d, &b.to_bytes())
+                }
+                Err(e) => err(e),
+            }
+        }
+        ec::EVTCHNOP_ALLOC_UNBOUND => {
+            let mut b = ec::EvtchnAllocUnbound::read(&a).expect("size");
+            if !self_domid(d, b.dom) {
+                return ret(errno::EPERM);
+            }
+            let remote = if b.remote_dom == DOMID_SELF {
+                d.id
+            } else {
+                b.remote_dom
+            };
+            match d.evtchn.alloc_unbound(remote) {
+                Ok(p) => {
+                    b.port = p;
+                    out(d, &b.to_bytes())
+                }
+                Err(e) => err(e),
+            }
+        }
+        ec::EVTCHNOP_BIND_INTERDOMAIN => {
+            let mut b = ec::EvtchnBindInterdomain::read(&a).expect("size");
+            let remote = if b.remote_dom == DOMID_SELF {
+                d.id
+            } else {
+                b.remote_dom
+            };
+            if remote != d.id {
+                if d.first_time(LOG_HYPERCALL, 0x7_1000) {
+                    log::info!(
+                        "d{}: event channels to other domains are not implemented yet: -ENOSYS",
+                        d.id
+                    );
+                }
+                return ret(errno::ENOSYS);
+            }
+            let lp = match d.evtchn.bind_interdomain_local(remote, b.remote_port) {
+                Ok(p) => p,
+                Err(e) => return err(e),
+            };
+            if let Err(e) = d.evtchn.connect_remote(b.remote_port, d.id, lp) {
+                d.evtchn.abort_interdomain(lp);
+                return err(e);
+            }
+            let mut m = crate::xen::GuestEventMemory {
+                xen: &d.xen,
+                mem: &mut d.mem,
+            };
+            let r = d.evtchn.set_pending(lp, &mut m);
+            d.apply_raise(lp, r);
+            b.local_port = lp;
+            out(d, &b.to_bytes())
+        }
+        ec::EVTCHNOP_SEND => {
+            let port = le_u32(&a, 0);
+            let mut m = crate::xen::GuestEventMemory {
+                xen: &d.xen,
+                mem: &mut d.mem,
+            };
+            match d.evtchn.send(port, &mut m) {
+                Ok(Delivery::Local(r)) => {
+                    d.apply_raise(port, r);
+                    0
+                }
+                Ok(Delivery::Interdomain {
+                    remote_dom,
+                    remote_port,
+                }) if remote_dom == d.id => {
+                    let mut m = crate::xen::GuestEventMemory {
+                        xen: &d.xen,
+                        mem: &mut d.mem,
+                    };
+                    let r = d.evtchn.set_pending(remote_port, &mut m);
+                    d.apply_raise(remote_port, r);
+                    0
+                }
+                Ok(Delivery::Interdomain { .. }) => ret(errno::ENOSYS),
+                Ok(Delivery::ToHypervisor(p)) => {
+                    let port = d.xen.params[param::CONSOLE_EVTCHN as usize] as u32;
+                    if p == port && d.service_console() {
+                        d.notify_console();
+                    }
+                    0
+                }
+                Ok(Delivery::Dropped) => 0,
+                Err(e) => err(e),
+            }
+        }
+        ec::EVTCHNOP_CLOSE => {
+            let port = le_u32(&a, 0);
+            let mut m = crate::xen::GuestEventMemory {
+                xen: &d.xen,
+                mem: &mut d.mem,
+            };
+            match d.evtchn.close(port, &mut m) {
+                Ok(crate::evtchn::Closed::Interdomain {
+                    port,
+                    remote_dom,
+                    remote_port,
+                }) if remote_dom == d.id => {
+                    d.evtchn.peer_closed(remote_port, d.id, port);
+                    0
+                }
+                Ok(_) => 0,
+                Err(e) => err(e),
+            }
+        }
+        ec::EVTCHNOP_UNMASK => {
+            let port = le_u32(&a, 0);
+            let mut m = crate::xen::GuestEventMemory {
+                xen: &d.xen,
+                mem: &mut d.mem,
+            };
+            match d.evtchn.unmask(port, &mut m) {
+                Ok(Some(v)) => {
+                    let r = crate::evtchn::Raise {
+                        newly_pending: false,
+                        upcall: Some(v),
+                    };
+                    d.apply_raise(port, r);
+                    0
+                }
+                Ok(None) => 0,
+                Err(e) => err(e),
+            }
+        }
+        ec::EVTCHNOP_STATUS => {
+            let mut b = ec::EvtchnStatus::read(&a).expect("size");
+            if !self_domid(d, b.dom) {
+                return ret(errno::ESRCH);
+            }
+            match d.evtchn.status(b.port) {
+                Ok(s) => {
+                    s.fill(&mut b);
+                    out(d, &b.to_bytes())
+                }
+                Err(e) => err(e),
+            }
+        }
+        ec::EVTCHNOP_BIND_VCPU => match d.evtchn.bind_vcpu(le_u32(&a, 0), le_u32(&a, 4)) {
+            Ok(()) => 0,
+            Err(e) => err(e),
+        },
+        ec::EVTCHNOP_RESET => {
+            if !self_domid(d, le_u16(&a, 0)) {
+                return ret(errno::ESRCH);
+            }
+            let mut m = crate::xen::GuestEventMemory {
+                xen: &d.xen,
+                mem: &mut d.mem,
+            };
+            let _ = d.evtchn.reset(&mut m);
+            // the console is the hypervisor's: give it a port again
+            if let Ok(p) = d.evtchn.alloc_unbound_for_hypervisor() {
+                d.xen.params[param::CONSOLE_EVTCHN as usize] = u64::from(p);
+            }
+            let _ = vcpu;
+            0
+        }
+        _ => ret(errno::ENOSYS),
+    }
+}
+
+fn set_timer_op(d: &mut DomainCore, vcpu: u32, args: [u64; 5]) -> u64 {
+    let t = &mut d.xen.vcpus[vcpu as usize].singleshot;
+    *t = (args[0] != 0).then_some(args[0]);
+    0
 }

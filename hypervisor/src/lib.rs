@@ -17,15 +17,21 @@ pub mod paging;
 
 #[allow(unsafe_code)]
 pub mod arch;
+pub mod bzimage;
 pub mod console;
 pub mod cpuid;
 pub mod domain;
 pub mod emulate;
+pub mod evtchn;
 pub mod exits;
 pub mod frames;
+pub mod guest_acpi;
 pub mod hypercall;
 #[allow(unsafe_code)] // owns guest frames; copies go through `arch::phys`
 pub mod memory;
 pub mod run;
 pub mod testiface;
+pub mod time;
 pub mod vcpu;
+pub mod vlapic;
+pub mod xen;

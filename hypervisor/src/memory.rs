@@ -1,6 +1,7 @@
 //! A domain's guest-physical memory: host frames in extents, with copy helpers that
 //! never touch anything outside them.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::arch::phys;
@@ -21,10 +22,15 @@ pub struct Extent {
     pub len: u64,
 }
 
-/// Guest RAM `[0, size)`.
+/// Guest RAM `[0, size)`, plus frames the hypervisor gives the domain (shared_info,
+/// grant frames) that the guest places in its physmap with `add_to_physmap`.
 pub struct GuestMemory {
     extents: Vec<Extent>,
     size: u64,
+    /// Hypervisor-provided frames this domain owns (freed with it).
+    special: Vec<u64>,
+    /// Guest frames whose translation is replaced by a special frame.
+    overlay: BTreeMap<u64, u64>,
 }
 
 /// The machine has too little free memory for a domain.
@@ -44,6 +50,8 @@ impl GuestMemory {
         let mut m = GuestMemory {
             extents: Vec::new(),
             size: 0,
+            special: Vec::new(),
+            overlay: BTreeMap::new(),
         };
         while m.size < size {
             let left = size - m.size;
@@ -105,6 +113,19 @@ impl GuestMemory {
 
     /// Host-physical address of `gpa` and how many bytes from there are contiguous.
     pub fn translate(&self, gpa: u64) -> Option<(u64, u64)> {
+        if let Some(&hpa) = self.overlay.get(&(gpa >> 12)) {
+            return Some((hpa + (gpa & 0xfff), FRAME_SIZE - (gpa & 0xfff)));
+        }
+        let (hpa, avail) = self.translate_ram(gpa)?;
+        // stop at the next overlaid page
+        let next_page = (gpa | 0xfff) + 1;
+        match self.overlay.range(next_page >> 12..).next() {
+            Some((&gfn, _)) if (gfn << 12) < gpa + avail => Some((hpa, (gfn << 12) - gpa)),
+            _ => Some((hpa, avail)),
+        }
+    }
+
+    fn translate_ram(&self, gpa: u64) -> Option<(u64, u64)> {
         let i = self.extents.partition_point(|e| e.gpa + e.len <= gpa);
         let e = self.extents.get(i)?;
         (gpa >= e.gpa).then(|| (e.hpa + (gpa - e.gpa), e.len - (gpa - e.gpa)))
@@ -169,8 +190,54 @@ impl GuestMemory {
     }
 }
 
+impl GuestMemory {
+    /// Allocates a zeroed frame owned by the domain (not yet in its physmap).
+    pub fn add_special_frame(&mut self) -> Option<u64> {
+        let hpa = frames::alloc(1, 1)?;
+        // SAFETY: a frame just allocated for this domain, identity-mapped.
+        unsafe { phys::zero(hpa, FRAME_SIZE) };
+        self.special.push(hpa);
+        Some(hpa)
+    }
+
+    /// Makes guest frame `gfn` translate to the domain's special frame `hpa` (the RAM
+    /// frame underneath, if any, is no longer reachable by the guest, as when Xen
+    /// replaces a page with `add_to_physmap`). Returns false if `hpa` is not owned.
+    pub fn overlay(&mut self, gfn: u64, hpa: u64) -> bool {
+        if !self.special.contains(&hpa) {
+            return false;
+        }
+        self.overlay.retain(|_, h| *h != hpa);
+        self.overlay.insert(gfn, hpa);
+        true
+    }
+
+    /// Reads from one of the domain's special frames.
+    pub fn special_read(&self, hpa: u64, offset: u64, buf: &mut [u8]) -> bool {
+        if !self.special.contains(&hpa) || offset + buf.len() as u64 > FRAME_SIZE {
+            return false;
+        }
+        // SAFETY: the frame is owned by this domain and the range lies inside it.
+        unsafe { phys::read(hpa + offset, buf) };
+        true
+    }
+
+    /// Writes to one of the domain's special frames.
+    pub fn special_write(&mut self, hpa: u64, offset: u64, data: &[u8]) -> bool {
+        if !self.special.contains(&hpa) || offset + data.len() as u64 > FRAME_SIZE {
+            return false;
+        }
+        // SAFETY: the frame is owned by this domain and the range lies inside it.
+        unsafe { phys::write(hpa + offset, data) };
+        true
+    }
+}
+
 impl Drop for GuestMemory {
     fn drop(&mut self) {
+        for hpa in self.special.drain(..) {
+            frames::free(hpa, 1);
+        }
         for e in self.extents.drain(..) {
             frames::free(e.hpa, e.len / FRAME_SIZE);
         }
@@ -199,5 +266,36 @@ impl crate::loader::GuestMemWrite for GuestMemory {
     }
     fn zero(&mut self, gpa: u64, len: u64) -> bool {
         GuestMemory::zero(self, gpa, len)
+    }
+}
+
+/// A temporary buffer of whole frames outside the heap (e.g. a decompressed kernel,
+/// tens of MiB), returned to the frame allocator when dropped.
+pub struct ScratchBuffer {
+    hpa: u64,
+    frames: u64,
+    len: usize,
+}
+
+impl ScratchBuffer {
+    /// `len` bytes of contiguous physical memory, or `None` when the machine has no
+    /// such run free.
+    pub fn new(len: usize) -> Option<ScratchBuffer> {
+        let frames = (len as u64).div_ceil(FRAME_SIZE).max(1);
+        let hpa = frames::alloc(frames, 1)?;
+        Some(ScratchBuffer { hpa, frames, len })
+    }
+
+    /// The buffer.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the frames were allocated for this buffer alone, are contiguous and
+        // identity-mapped, and live until drop; `&mut self` makes the borrow unique.
+        unsafe { core::slice::from_raw_parts_mut(self.hpa as *mut u8, self.len) }
+    }
+}
+
+impl Drop for ScratchBuffer {
+    fn drop(&mut self) {
+        frames::free(self.hpa, self.frames);
     }
 }

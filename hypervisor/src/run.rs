@@ -1,5 +1,10 @@
-//! Running the domains of a boot bundle: parse their configs, build them all, run each
-//! to its end, report, and release everything.
+//! Running the domains of a boot bundle: parse their configs, build them all, then
+//! schedule every runnable vCPU of every domain round-robin on this CPU until all
+//! domains have ended; report each end and release everything.
+//!
+//! A vCPU runs until it exits or its time slice ends (the host APIC timer preempts
+//! it); blocked vCPUs wake on a pending event upcall or a timer; when nothing can run
+//! the CPU sleeps until the earliest timer.
 
 use alloc::format;
 use alloc::string::String;
@@ -7,10 +12,16 @@ use alloc::vec::Vec;
 
 use abi::hypercall::{shutdown_reason_name, SHUTDOWN_POWEROFF};
 
+use crate::arch::lapic;
 use crate::arch::svm::SvmCpu;
 use crate::domain::{BuildError, Domain, DomainEnd};
 use crate::exits::{self, Flow};
+use crate::time;
 use crate::vcpu::{reg, GuestCpu};
+use crate::xen::{self, RunState};
+
+/// Longest a vCPU runs before another runnable vCPU gets the CPU.
+pub const TIME_SLICE_NS: u64 = 10_000_000;
 
 /// The result of running every domain.
 #[derive(Debug, Clone, Copy)]
@@ -57,46 +68,42 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
             BuildError::Kernel { path, error } => {
                 format!("kernel '{path}' of domain '{name}' {error}")
             }
+            BuildError::KernelImage { path, error } => {
+                format!("kernel '{path}' of domain '{name}' {error}")
+            }
             other => format!("domain '{name}': {other}"),
         })?;
         domains.push(d);
     }
 
     let mut outcome = Outcome { ok: 0, failed: 0 };
-    for mut d in domains {
-        let end = run_domain(&mut d);
-        d.core.flush_console_if_pending();
-        let (id, name) = (d.core.id, String::from(d.core.name()));
-        let c = &d.core.counters;
-        let ok = match &end {
-            DomainEnd::Shutdown(r) => {
-                log::info!("d{id} ({name}) shut down: {}", shutdown_reason_name(*r));
-                *r == SHUTDOWN_POWEROFF && c.checks_failed == 0
-            }
-            DomainEnd::Crashed(why) => {
-                log::error!("d{id} ({name}) crashed: {why}");
-                dump_vcpu(id, &d.vcpus[0]);
-                false
-            }
+    // start just before the first vCPU of the first domain
+    let mut cursor = domains
+        .iter()
+        .map(|d| d.vcpus.len())
+        .sum::<usize>()
+        .saturating_sub(1);
+    while !domains.is_empty() {
+        fire_timers(&mut domains);
+        service_consoles(&mut domains);
+        let Some((di, vi)) = pick(&mut domains, &mut cursor) else {
+            idle(&domains);
+            continue;
         };
-        log::info!(
-            "d{id} exits: hypercall {} cpuid {} io {} msr {} npf {} hlt {} xsetbv {} intr {} other {}; checks {} passed, {} failed",
-            c.exits[0], c.exits[1], c.exits[2], c.exits[3], c.exits[4], c.exits[5], c.exits[6], c.exits[7], c.exits[8],
-            c.checks_passed, c.checks_failed
-        );
-        if ok {
-            outcome.ok += 1;
-        } else {
-            outcome.failed += 1;
+        let end = run_slice(&mut domains[di], vi);
+        if let Some(end) = end {
+            let d = domains.remove(di);
+            let ok = report_end(d, end);
+            if ok {
+                outcome.ok += 1;
+            } else {
+                outcome.failed += 1;
+            }
         }
-        d.destroy();
     }
     let free_after = crate::frames::free_count();
     if free_after == free_before {
-        log::info!(
-            "all domain memory returned: {} free frames before and after",
-            free_after
-        );
+        log::info!("all domain memory returned: {free_after} free frames before and after");
     } else {
         log::error!("frame leak: {free_before} free frames before the domains, {free_after} after");
         outcome.failed += 1;
@@ -104,29 +111,233 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     Ok(outcome)
 }
 
-fn run_domain(d: &mut Domain) -> DomainEnd {
-    let Domain { core, vcpus } = d;
-    let cpu = &mut *vcpus[0];
-    loop {
-        let exit = cpu.run();
-        if let Flow::End(end) = exits::handle(core, cpu, exit) {
-            if let DomainEnd::Crashed(_) = end {
-                let (code, i1, i2) = cpu.exit_info();
-                log::debug!(
-                    "d{}: last exit {} (code {code:#x} info1 {i1:#x} info2 {i2:#x})",
-                    core.id,
-                    exits::describe(&exit)
-                );
+/// Moves console output of every domain to the serial line, and typed input to the
+/// first domain's console (the one with the input focus).
+fn service_consoles(domains: &mut [Domain]) {
+    for d in domains.iter_mut() {
+        if d.core.service_console() {
+            d.core.notify_console();
+        }
+    }
+    let mut typed = [0u8; 64];
+    let mut n = 0;
+    while n < typed.len() {
+        match crate::console::read_byte() {
+            Some(b) => {
+                typed[n] = b;
+                n += 1;
             }
-            return end;
+            None => break,
+        }
+    }
+    if n > 0 {
+        if let Some(d) = domains.first_mut() {
+            d.core.console_input(&typed[..n]);
+            d.core.notify_console();
         }
     }
 }
 
-fn dump_vcpu(id: u16, cpu: &crate::arch::svm::SvmVcpu) {
+/// Wakes vCPUs whose timers are due, and raises their timer events.
+fn fire_timers(domains: &mut [Domain]) {
+    let now = time::now_ns();
+    for d in domains.iter_mut() {
+        for v in 0..d.core.xen.vcpus.len() {
+            let s = &mut d.core.xen.vcpus[v];
+            let mut fired = false;
+            if s.singleshot.is_some_and(|t| t <= now) {
+                s.singleshot = None;
+                fired = true;
+            }
+            if let Some((period, next)) = s.periodic {
+                if next <= now {
+                    let missed = (now - next) / period + 1;
+                    s.periodic = Some((period, next + missed * period));
+                    fired = true;
+                }
+            }
+            if s.apic.timer_deadline().is_some_and(|t| t <= now) {
+                s.apic.timer_fire(now);
+                if s.state == RunState::Blocked && s.apic.deliverable().is_some() {
+                    s.state = RunState::Runnable;
+                }
+            }
+            if let RunState::Polling {
+                deadline: Some(t), ..
+            } = s.state
+            {
+                if t <= now {
+                    s.state = RunState::Runnable;
+                }
+            }
+            if fired {
+                d.core.timer_fired(v as u32);
+            }
+        }
+    }
+}
+
+/// The next runnable vCPU after `cursor`, round-robin over (domain, vCPU) pairs.
+/// Blocked vCPUs with a deliverable event become runnable here.
+fn pick(domains: &mut [Domain], cursor: &mut usize) -> Option<(usize, usize)> {
+    let slots: Vec<(usize, usize)> = domains
+        .iter()
+        .enumerate()
+        .flat_map(|(di, d)| (0..d.vcpus.len()).map(move |vi| (di, vi)))
+        .collect();
+    if slots.is_empty() {
+        return None;
+    }
+    for k in 1..=slots.len() {
+        let (di, vi) = slots[(*cursor + k) % slots.len()];
+        let d = &mut domains[di];
+        let wake = d.core.event_deliverable(vi as u32);
+        let s = &mut d.core.xen.vcpus[vi];
+        match s.state {
+            RunState::Runnable => {}
+            RunState::Blocked | RunState::Polling { .. } if wake => s.state = RunState::Runnable,
+            _ => continue,
+        }
+        *cursor = (*cursor + k) % slots.len();
+        return Some((di, vi));
+    }
+    None
+}
+
+/// Nothing can run: sleep until the earliest timer (or a slice, to poll the console).
+fn idle(domains: &[Domain]) {
+    let now = time::now_ns();
+    let next = domains
+        .iter()
+        .flat_map(|d| d.core.xen.vcpus.iter().filter_map(|s| s.next_deadline()))
+        .min();
+    let wait = match next {
+        Some(t) if t <= now => return,
+        Some(t) => (t - now).min(100 * TIME_SLICE_NS),
+        None => 100 * TIME_SLICE_NS,
+    };
+    lapic::arm_ns(wait);
+    lapic::wait_for_interrupt();
+    lapic::disarm();
+}
+
+/// Runs vCPU `vi` of `d` for up to one time slice; `Some` when the domain has ended.
+fn run_slice(d: &mut Domain, vi: usize) -> Option<DomainEnd> {
+    let Domain { core, vcpus } = d;
+    let cpu = &mut *vcpus[vi];
+    let v = vi as u32;
+    let now = time::now_ns();
+    xen::runstate_change(&mut core.xen.vcpus[vi], xen::RUNSTATE_RUNNING, now);
+    if core.tlb_flush_needed {
+        cpu.flush_tlb();
+        core.tlb_flush_needed = false;
+    }
+    let slice_end = core.xen.vcpus[vi]
+        .next_deadline()
+        .map_or(now + TIME_SLICE_NS, |t| t.min(now + TIME_SLICE_NS));
+    if let Some(vector) = core.xen.vcpus[vi].sipi.take() {
+        cpu.reset_real_mode(vector);
+    }
+    loop {
+        // Interrupts: one outstanding at a time. An APIC vector moves to the ISR once
+        // the CPU has taken it; the event-channel callback vector bypasses the APIC
+        // (Xen's HVM_PARAM_CALLBACK_IRQ "vector" mode needs no EOI).
+        let s = &mut core.xen.vcpus[vi];
+        if let Some(vec) = s.apic_injected {
+            if !cpu.interrupt_pending() {
+                s.apic.accepted(vec);
+                s.apic_injected = None;
+            }
+        }
+        if !cpu.interrupt_pending() {
+            if let Some(vector) = core.pending_upcall(v) {
+                cpu.inject_interrupt(vector);
+            } else if let Some(vector) = core.xen.vcpus[vi].apic.deliverable() {
+                cpu.inject_interrupt(vector);
+                core.xen.vcpus[vi].apic_injected = Some(vector);
+            }
+        }
+        let now = time::now_ns();
+        if now >= slice_end {
+            break;
+        }
+        lapic::arm_ns(slice_end - now);
+        let exit = cpu.run();
+        lapic::disarm();
+        match exits::handle(core, v, cpu, exit) {
+            Flow::End(end) => {
+                if let DomainEnd::Crashed(_) = end {
+                    let (code, i1, i2) = cpu.exit_info();
+                    log::debug!(
+                        "d{}: last exit {} (code {code:#x} info1 {i1:#x} info2 {i2:#x})",
+                        core.id,
+                        exits::describe(&exit)
+                    );
+                    dump_vcpu(core.id, v, cpu);
+                }
+                return Some(end);
+            }
+            Flow::Continue => {}
+        }
+        if core.xen.vcpus[vi].state != RunState::Runnable {
+            break; // blocked, polling or down
+        }
+        if core.xen.vcpus[vi]
+            .next_deadline()
+            .is_some_and(|t| t <= time::now_ns())
+        {
+            break; // let the timer fire
+        }
+    }
+    let s = &mut core.xen.vcpus[vi];
+    let new = match s.state {
+        RunState::Runnable => xen::RUNSTATE_RUNNABLE,
+        RunState::Down => xen::RUNSTATE_OFFLINE,
+        _ => xen::RUNSTATE_BLOCKED,
+    };
+    xen::runstate_change(s, new, time::now_ns());
+    xen::write_runstate(core, v, cpu);
+    None
+}
+
+/// Logs how a domain ended and releases it; true if it ended well.
+fn report_end(mut d: Domain, end: DomainEnd) -> bool {
+    d.core.flush_console_if_pending();
+    let (id, name) = (d.core.id, String::from(d.core.name()));
+    let c = &d.core.counters;
+    let ok = match &end {
+        DomainEnd::Shutdown(r) => {
+            log::info!("d{id} ({name}) shut down: {}", shutdown_reason_name(*r));
+            *r == SHUTDOWN_POWEROFF && c.checks_failed == 0
+        }
+        DomainEnd::Crashed(why) => {
+            log::error!("d{id} ({name}) crashed: {why}");
+            false
+        }
+    };
+    log::info!(
+        "d{id} exits: hypercall {} cpuid {} io {} msr {} npf {} hlt {} xsetbv {} intr {} other {}; checks {} passed, {} failed",
+        c.exits[0], c.exits[1], c.exits[2], c.exits[3], c.exits[4], c.exits[5], c.exits[6], c.exits[7], c.exits[8],
+        c.checks_passed, c.checks_failed
+    );
+    let mut ports: Vec<(u16, u64)> = c.io_ports.iter().map(|(p, n)| (*p, *n)).collect();
+    ports.sort_by_key(|p| core::cmp::Reverse(p.1));
+    if !ports.is_empty() {
+        let top: Vec<String> = ports
+            .iter()
+            .take(5)
+            .map(|(p, n)| format!("{p:#x}: {n}"))
+            .collect();
+        log::info!("d{id} busiest ports: {}", top.join(", "));
+    }
+    d.destroy();
+    ok
+}
+
+fn dump_vcpu(id: u16, v: u32, cpu: &crate::arch::svm::SvmVcpu) {
     let p = cpu.paging();
     log::error!(
-        "d{id} vcpu0: rip {:#x} rsp {:#x} rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cr2 {:#x} exitintinfo {:#x}",
+        "d{id} vcpu{v}: rip {:#x} rsp {:#x} rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cr2 {:#x} exitintinfo {:#x}",
         cpu.rip(), cpu.reg(reg::RSP), cpu.reg(reg::RAX), cpu.reg(reg::RBX), cpu.reg(reg::RCX), cpu.reg(reg::RDX),
         p.cr0, p.cr3, p.cr4, p.efer, cpu.cr2(), cpu.exit_int_info()
     );

@@ -144,4 +144,16 @@ pub trait GuestCpu {
     fn xcr0(&self) -> u64;
     /// Sets the guest's XCR0 (already validated).
     fn set_xcr0(&mut self, v: u64);
+    /// Requests delivery of external interrupt `vector` as soon as the guest's IF
+    /// allows (replacing one not yet delivered).
+    fn inject_interrupt(&mut self, vector: u8);
+    /// An interrupt requested with [`Self::inject_interrupt`] is still undelivered.
+    fn interrupt_pending(&self) -> bool;
+    /// Resets the vCPU to the state a start-up IPI leaves: real mode at
+    /// `vector << 12`, as a secondary CPU begins.
+    fn reset_real_mode(&mut self, vector: u8);
+    /// Flushes the guest's TLB at the next entry (after nested page table changes).
+    fn flush_tlb(&mut self);
+    /// The hypercall instruction of this vendor (VMMCALL or VMCALL), for hypercall pages.
+    fn hypercall_instruction(&self) -> [u8; 3];
 }

@@ -25,6 +25,59 @@ pub const STATUS_PANIC: i32 = 7;
 /// Default time a scenario may take before QEMU is killed.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 120;
 
+/// The Linux guest's command line under the hypervisor, before `ferro.cmd=1` and the
+/// user's additions: its console is the Xen console ring (`hvc0`), early messages go
+/// through the `console_io` hypercall.
+pub const LINUX_CMDLINE: &str = "console=hvc0 earlyprintk=xen";
+/// Guest memory of a Linux domain unless told otherwise, in MiB.
+pub const LINUX_MEMORY_MIB: u64 = 256;
+
+/// Protocol of the Linux guest's `/init` (written by `cargo xtask guest`): the line it
+/// prints once proc, sys and devtmpfs are mounted (more text may follow on the line).
+pub const INIT_UP: &str = "ferro-init: up";
+/// The line `/init` prints right before it runs `/ferro/cmd` (command mode only).
+pub const INIT_RUNNING: &str = "ferro-init: running command";
+/// `/init` ends command mode with the line `FERRO-EXIT <status>` and powers off.
+pub const EXIT_MARKER: &str = "FERRO-EXIT";
+/// The kernel command line word that asks `/init` for command mode.
+pub const CMD_FLAG: &str = "ferro.cmd=1";
+
+/// Where, in a scenario's expected lines, the release of the cached Linux kernel goes
+/// (`uname -r`, e.g. `6.1.0-56-amd64`); see [`Expect::with_linux_release`].
+pub const LINUX_RELEASE: &str = "{linux-release}";
+
+/// The Linux guest's command line: [`LINUX_CMDLINE`], then [`CMD_FLAG`] when a command is
+/// to run, then `append` when it is not empty.
+pub fn linux_cmdline(with_cmd: bool, append: &str) -> String {
+    let mut s = LINUX_CMDLINE.to_string();
+    if with_cmd {
+        s.push(' ');
+        s.push_str(CMD_FLAG);
+    }
+    if !append.trim().is_empty() {
+        s.push(' ');
+        s.push_str(append.trim());
+    }
+    s
+}
+
+/// Splits a serial line into the domain whose console printed it (the hypervisor prints
+/// guest console lines as `(d<domid>) text`) and the text; `None` and the whole line
+/// (less a trailing carriage return) when it has no such prefix.
+pub fn console_text(line: &str) -> (Option<u32>, &str) {
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    if let Some(rest) = line.strip_prefix("(d") {
+        if let Some((id, text)) = rest.split_once(") ") {
+            if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+                if let Ok(domid) = id.parse() {
+                    return (Some(domid), text);
+                }
+            }
+        }
+    }
+    (None, line)
+}
+
 /// What a QEMU exit status means under the hypervisor's exit protocol.
 pub fn status_meaning(status: i32) -> &'static str {
     match status {
@@ -62,6 +115,10 @@ pub enum KernelSource {
     },
     /// A file on the host.
     Path(PathBuf),
+    /// The Linux guest prepared by `cargo xtask guest`: Debian's kernel as shipped (a
+    /// bzImage), with the project's busybox initramfs as its ramdisk (plus `/ferro/cmd`
+    /// when the domain has a [`Domain::linux_cmd`]).
+    LinuxGuest,
 }
 
 /// One domain the hypervisor creates at boot, described as in an `xl.cfg` file.
@@ -79,8 +136,12 @@ pub struct Domain {
     pub vcpus: u32,
     /// Whether the hypervisor answers the project's test interface for this domain.
     pub test_interface: bool,
-    /// A generated ramdisk (`len` pseudo-random bytes from `seed`), or none.
+    /// A generated ramdisk (`len` pseudo-random bytes from `seed`), or none. A
+    /// [`KernelSource::LinuxGuest`] domain gets its initramfs without this.
     pub ramdisk: Option<(usize, u64)>,
+    /// For a [`KernelSource::LinuxGuest`] domain: a shell command its `/init` runs (its
+    /// command line must then hold [`CMD_FLAG`]; [`Domain::linux_guest`] sees to that).
+    pub linux_cmd: Option<String>,
 }
 
 impl Domain {
@@ -94,6 +155,23 @@ impl Domain {
             vcpus: 1,
             test_interface: true,
             ramdisk: None,
+            linux_cmd: None,
+        }
+    }
+
+    /// The Linux guest with its defaults ([`LINUX_MEMORY_MIB`], one vCPU, command line
+    /// from [`linux_cmdline`]), running `cmd` and powering off when one is given, else
+    /// starting a shell on its console.
+    pub fn linux_guest(name: &str, cmd: Option<&str>) -> Domain {
+        Domain {
+            name: name.to_string(),
+            kernel: KernelSource::LinuxGuest,
+            cmdline: linux_cmdline(cmd.is_some(), ""),
+            memory_mib: LINUX_MEMORY_MIB,
+            vcpus: 1,
+            test_interface: false,
+            ramdisk: None,
+            linux_cmd: cmd.map(str::to_string),
         }
     }
 
@@ -106,16 +184,77 @@ impl Domain {
     }
 }
 
+/// One expected serial line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A line containing this text.
+    Contains(String),
+    /// A line that is exactly this text once a guest console prefix `(d<domid>) ` and
+    /// trailing whitespace are taken off (see [`console_text`]).
+    Exact(String),
+}
+
+impl Line {
+    /// Whether the serial line `line` is this one.
+    pub fn matches(&self, line: &str) -> bool {
+        match self {
+            Line::Contains(text) => line.contains(text.as_str()),
+            Line::Exact(text) => console_text(line).1.trim_end() == text,
+        }
+    }
+
+    /// How a failure message quotes it.
+    fn describe(&self) -> String {
+        match self {
+            Line::Contains(text) => format!("\"{text}\""),
+            Line::Exact(text) => format!("exactly \"{text}\""),
+        }
+    }
+
+    fn map(&self, f: impl Fn(&str) -> String) -> Line {
+        match self {
+            Line::Contains(t) => Line::Contains(f(t)),
+            Line::Exact(t) => Line::Exact(f(t)),
+        }
+    }
+}
+
+impl From<&str> for Line {
+    fn from(text: &str) -> Line {
+        Line::Contains(text.to_string())
+    }
+}
+
+impl From<String> for Line {
+    fn from(text: String) -> Line {
+        Line::Contains(text)
+    }
+}
+
 /// What a scenario must produce.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expect {
     /// QEMU's exit status.
     pub status: i32,
-    /// Each must appear as a substring of some serial line, in this order (each on a
-    /// later line than the previous one).
-    pub lines: Vec<String>,
+    /// Each must match some serial line, in this order (each on a later line than the
+    /// previous one).
+    pub lines: Vec<Line>,
     /// None of these may appear anywhere in the serial output.
     pub forbidden: Vec<String>,
+}
+
+impl Expect {
+    /// The expectation with [`LINUX_RELEASE`] replaced by `release` in every line.
+    pub fn with_linux_release(&self, release: &str) -> Expect {
+        Expect {
+            lines: self
+                .lines
+                .iter()
+                .map(|l| l.map(|t| t.replace(LINUX_RELEASE, release)))
+                .collect(),
+            ..self.clone()
+        }
+    }
 }
 
 /// One QEMU boot of the hypervisor with a set of domains, and what it must produce.
@@ -139,12 +278,25 @@ pub struct Scenario {
     pub full_only: bool,
 }
 
+impl Scenario {
+    /// Whether a domain runs the Linux guest (so `cargo xtask guest` must have run).
+    pub fn needs_linux_guest(&self) -> bool {
+        self.domains
+            .iter()
+            .any(|d| d.kernel == KernelSource::LinuxGuest)
+    }
+}
+
+/// The command the `linux-boot` scenario runs in the Linux guest.
+pub const LINUX_BOOT_CMD: &str = "cat /sys/hypervisor/type; uname -r; \
+    dmesg | grep -iE 'xen|clocksource|evtchn|event channel' | head -40";
+
 /// The `d<domid> check <name>: PASS` lines of every check, in the order the test guest
 /// runs them.
-pub fn all_checks_pass(domid: u32) -> Vec<String> {
+pub fn all_checks_pass(domid: u32) -> Vec<Line> {
     Check::ALL
         .iter()
-        .map(|c| format!("d{domid} check {}: PASS", c.name()))
+        .map(|c| Line::from(format!("d{domid} check {}: PASS", c.name())))
         .collect()
 }
 
@@ -169,7 +321,7 @@ fn fatal(
         domains: vec![domain],
         expect: Expect {
             status: STATUS_FATAL,
-            lines: vec![line.to_string()],
+            lines: vec![line.into()],
             forbidden: strings(&["PANIC", "EXCEPTION"]),
         },
         timeout_secs: DEFAULT_TIMEOUT_SECS,
@@ -188,7 +340,7 @@ pub fn catalogue() -> Vec<Scenario> {
     ramdisk_lines.push("d1 check ramdisk: PASS".into());
     ramdisk_lines.push("all domains finished: 1 ok, 0 failed".into());
 
-    let mut triple_lines = vec!["d1 (crasher) crashed: triple fault".to_string()];
+    let mut triple_lines = vec![Line::from("d1 (crasher) crashed: triple fault")];
     triple_lines.extend(all_checks_pass(2));
     triple_lines.push("d2 (testguest) shut down: poweroff".into());
     triple_lines.push("all domains finished: 1 ok, 1 failed".into());
@@ -296,14 +448,37 @@ pub fn catalogue() -> Vec<Scenario> {
             domains: vec![Domain::test_guest("testguest", "test=exits")],
             expect: Expect {
                 status: STATUS_PANIC,
-                lines: strings(&[
-                    "EXCEPTION: #UD invalid opcode (vector 6) in the hypervisor, error code 0x0",
-                    "EXCEPTION: rip 0x",
-                ]),
+                lines: vec![
+                    "EXCEPTION: #UD invalid opcode (vector 6) in the hypervisor, error code 0x0"
+                        .into(),
+                    "EXCEPTION: rip 0x".into(),
+                ],
                 forbidden: strings(&["PANIC", "check"]),
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+        },
+        Scenario {
+            name: "linux-boot",
+            about: "Debian's Linux kernel boots as a PVH domU from the busybox initramfs, \
+                    sees Xen and runs a command",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![Domain::linux_guest("linux", Some(LINUX_BOOT_CMD))],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    INIT_UP.into(),
+                    INIT_RUNNING.into(),
+                    Line::Exact("xen".into()),
+                    Line::Exact(LINUX_RELEASE.into()),
+                    Line::Exact(format!("{EXIT_MARKER} 0")),
+                ],
+                forbidden: strings(&["PANIC", "EXCEPTION", "FATAL", "Kernel panic"]),
+            },
+            timeout_secs: 600,
+            // Until the hypervisor boots Linux.
+            full_only: true,
         },
     ]
 }
@@ -335,21 +510,19 @@ pub fn judge(expect: &Expect, status: Option<i32>, serial: &str) -> Result<(), S
     let lines: Vec<&str> = serial.lines().collect();
     let mut next = 0;
     for wanted in &expect.lines {
-        match lines[next..]
-            .iter()
-            .position(|l| l.contains(wanted.as_str()))
-        {
+        match lines[next..].iter().position(|l| wanted.matches(l)) {
             Some(i) => next += i + 1,
             None => {
-                let anywhere = lines.iter().position(|l| l.contains(wanted.as_str()));
+                let anywhere = lines.iter().position(|l| wanted.matches(l));
+                let w = wanted.describe();
                 problems.push(match anywhere {
                     Some(at) => format!(
-                        "line \"{wanted}\" appeared (serial line {}) but out of order: \
+                        "line {w} appeared (serial line {}) but out of order: \
                          expected after serial line {next}",
                         at + 1
                     ),
-                    None if next == 0 => format!("missing line \"{wanted}\""),
-                    None => format!("missing line \"{wanted}\" (after serial line {next})"),
+                    None if next == 0 => format!("missing line {w}"),
+                    None => format!("missing line {w} (after serial line {next})"),
                 });
                 break;
             }
@@ -383,7 +556,7 @@ mod tests {
     fn expect(status: i32, lines: &[&str], forbidden: &[&str]) -> Expect {
         Expect {
             status,
-            lines: strings(lines),
+            lines: lines.iter().map(|&l| l.into()).collect(),
             forbidden: strings(forbidden),
         }
     }
@@ -472,14 +645,76 @@ mod tests {
     #[test]
     fn exits_expects_every_check_in_order() {
         let exits = catalogue().into_iter().find(|s| s.name == "exits").unwrap();
-        assert_eq!(exits.expect.lines[0], "d1 check hypercall: PASS");
-        assert_eq!(exits.expect.lines[9], "d1 check memory-write: PASS");
+        assert_eq!(exits.expect.lines[0], "d1 check hypercall: PASS".into());
+        assert_eq!(exits.expect.lines[9], "d1 check memory-write: PASS".into());
         assert_eq!(
             exits.expect.lines.last().unwrap(),
-            "all domains finished: 1 ok, 0 failed"
+            &"all domains finished: 1 ok, 0 failed".into()
         );
         // The judge accepts the output the expectation describes.
-        let serial = exits.expect.lines.join("\n");
+        let serial = exits
+            .expect
+            .lines
+            .iter()
+            .map(|l| match l {
+                Line::Contains(t) | Line::Exact(t) => t.as_str(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
         assert_eq!(judge(&exits.expect, Some(STATUS_OK), &serial), Ok(()));
+    }
+
+    #[test]
+    fn exact_lines_ignore_the_console_prefix_only() {
+        let e = Expect {
+            status: 1,
+            lines: vec![Line::Exact("xen".into()), "done".into()],
+            forbidden: vec![],
+        };
+        assert_eq!(judge(&e, Some(1), "(d1) xen\r\n(HV) done\n"), Ok(()));
+        assert_eq!(judge(&e, Some(1), "xen  \ndone\n"), Ok(()));
+        let err = judge(&e, Some(1), "(d1) xenbus: ok\n(d1) Xen\ndone\n").unwrap_err();
+        assert!(err.contains("missing line exactly \"xen\""), "{err}");
+    }
+
+    #[test]
+    fn console_prefixes_are_split_off() {
+        assert_eq!(console_text("(d1) hello\r"), (Some(1), "hello"));
+        assert_eq!(console_text("(d12) (d1) x"), (Some(12), "(d1) x"));
+        assert_eq!(console_text("(HV) boot"), (None, "(HV) boot"));
+        assert_eq!(console_text("(d) x"), (None, "(d) x"));
+        assert_eq!(console_text("(dx) x"), (None, "(dx) x"));
+        assert_eq!(console_text("plain"), (None, "plain"));
+    }
+
+    #[test]
+    fn linux_cmdline_adds_the_flag_and_the_user_text() {
+        assert_eq!(linux_cmdline(false, ""), "console=hvc0 earlyprintk=xen");
+        assert_eq!(
+            linux_cmdline(true, " loglevel=8 "),
+            "console=hvc0 earlyprintk=xen ferro.cmd=1 loglevel=8"
+        );
+    }
+
+    #[test]
+    fn linux_boot_expects_the_release_of_the_cached_kernel() {
+        let s = catalogue()
+            .into_iter()
+            .find(|s| s.name == "linux-boot")
+            .unwrap();
+        assert!(s.needs_linux_guest());
+        assert!(s.domains[0].cmdline.contains(CMD_FLAG));
+        assert!(s.domains[0].linux_cmd.is_some());
+        assert!(!catalogue()
+            .iter()
+            .filter(|s| !s.full_only)
+            .any(Scenario::needs_linux_guest));
+        let e = s.expect.with_linux_release("6.1.0-56-amd64");
+        let serial = "(HV) ferrovisor\n(d1) ferro-init: up (6.1.0-56-amd64)\n\
+                      (d1) ferro-init: running command\n(d1) xen\n(d1) 6.1.0-56-amd64\n\
+                      (d1) [    0.000000] Xen version 4.17\n(d1) FERRO-EXIT 0\n";
+        assert_eq!(judge(&e, Some(STATUS_OK), serial), Ok(()));
+        let err = judge(&s.expect, Some(STATUS_OK), serial).unwrap_err();
+        assert!(err.contains(LINUX_RELEASE), "unresolved placeholder: {err}");
     }
 }

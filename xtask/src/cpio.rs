@@ -1,11 +1,14 @@
 //! A writer for uncompressed cpio archives in the "newc" format (magic `070701`), the
-//! format of the boot bundle the hypervisor receives as its one boot module.
+//! format of the boot bundle the hypervisor receives as its one boot module and of the
+//! Linux guest's initramfs.
 //!
 //! Each entry is a 110-byte ASCII header (the magic and thirteen 8-digit hex fields),
 //! the NUL-terminated name padded so that header and name together are a multiple of 4
 //! bytes, then the data padded to a multiple of 4. A `TRAILER!!!` entry ends the archive.
-//! Only regular files are written; timestamps and owners are zero so that the same
-//! inputs always give the same bytes.
+//! Regular files, directories, symbolic links (the target is the data) and character
+//! devices are written; timestamps and owners are zero so that the same inputs always
+//! give the same bytes. Every entry has its own inode number and one link, so Linux never
+//! takes two entries for hard links of each other, even across concatenated archives.
 
 /// Builds a newc archive in memory.
 #[derive(Debug, Default)]
@@ -14,8 +17,16 @@ pub struct Archive {
     next_ino: u32,
 }
 
-/// Mode of the regular files written: `S_IFREG | 0644`.
+/// Mode of the regular files written by [`Archive::add_file`]: `S_IFREG | 0644`.
 const FILE_MODE: u32 = 0o100_644;
+/// File type bits of a regular file.
+const S_IFREG: u32 = 0o100_000;
+/// File type bits of a directory.
+const S_IFDIR: u32 = 0o040_000;
+/// File type bits of a symbolic link.
+const S_IFLNK: u32 = 0o120_000;
+/// File type bits of a character device.
+const S_IFCHR: u32 = 0o020_000;
 
 impl Archive {
     /// An empty archive.
@@ -25,17 +36,42 @@ impl Archive {
 
     /// Appends a regular file named `name` (a relative path such as `files/testguest`).
     pub fn add_file(&mut self, name: &str, data: &[u8]) {
-        self.next_ino += 1;
-        self.entry(self.next_ino, FILE_MODE, name, data);
+        self.next(FILE_MODE, name, data, (0, 0));
+    }
+
+    /// Appends a regular file with permission bits `perm` (e.g. `0o755`).
+    pub fn add_file_with_mode(&mut self, name: &str, perm: u32, data: &[u8]) {
+        self.next(S_IFREG | (perm & 0o7777), name, data, (0, 0));
+    }
+
+    /// Appends a directory with permission bits `perm`. Linux creates entries in archive
+    /// order, so a directory must come before what it holds.
+    pub fn add_dir(&mut self, name: &str, perm: u32) {
+        self.next(S_IFDIR | (perm & 0o7777), name, &[], (0, 0));
+    }
+
+    /// Appends a symbolic link `name` pointing to `target`.
+    pub fn add_symlink(&mut self, name: &str, target: &str) {
+        self.next(S_IFLNK | 0o777, name, target.as_bytes(), (0, 0));
+    }
+
+    /// Appends a character device node `major:minor` with permission bits `perm`.
+    pub fn add_char_device(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
+        self.next(S_IFCHR | (perm & 0o7777), name, &[], (major, minor));
     }
 
     /// Writes the trailer and returns the archive's bytes.
     pub fn finish(mut self) -> Vec<u8> {
-        self.entry(0, 0, "TRAILER!!!", &[]);
+        self.entry(0, 0, "TRAILER!!!", &[], (0, 0));
         self.bytes
     }
 
-    fn entry(&mut self, ino: u32, mode: u32, name: &str, data: &[u8]) {
+    fn next(&mut self, mode: u32, name: &str, data: &[u8], rdev: (u32, u32)) {
+        self.next_ino += 1;
+        self.entry(self.next_ino, mode, name, data, rdev);
+    }
+
+    fn entry(&mut self, ino: u32, mode: u32, name: &str, data: &[u8], rdev: (u32, u32)) {
         let namesize = name.len() + 1;
         let filesize = u32::try_from(data.len()).expect("cpio newc entries are below 4 GiB");
         let fields: [u32; 13] = [
@@ -46,10 +82,10 @@ impl Archive {
             1, // nlink
             0, // mtime
             filesize,
-            0, // devmajor
-            0, // devminor
-            0, // rdevmajor
-            0, // rdevminor
+            0,      // devmajor
+            0,      // devminor
+            rdev.0, // rdevmajor
+            rdev.1, // rdevminor
             u32::try_from(namesize).expect("short name"),
             0, // check (only used by the "crc" variant)
         ];
@@ -108,6 +144,58 @@ mod tests {
         );
         assert_eq!(got, want);
         assert_eq!(got.len(), 116 + 8 + 124);
+    }
+
+    /// Every entry of a newc archive as (name, mode, rdevmajor, rdevminor, data).
+    fn entries(bytes: &[u8]) -> Vec<(String, u32, u32, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        let field = |b: &[u8], i: usize| {
+            u32::from_str_radix(std::str::from_utf8(&b[6 + 8 * i..14 + 8 * i]).unwrap(), 16)
+                .unwrap()
+        };
+        loop {
+            let h = &bytes[at..at + 110];
+            assert_eq!(&h[..6], b"070701");
+            let (mode, size, rmaj, rmin, namesize) = (
+                field(h, 1),
+                field(h, 6),
+                field(h, 9),
+                field(h, 10),
+                field(h, 11),
+            );
+            let name_at = at + 110;
+            let name = std::str::from_utf8(&bytes[name_at..name_at + namesize as usize - 1])
+                .unwrap()
+                .to_string();
+            let data_at = (name_at + namesize as usize).next_multiple_of(4);
+            let data = bytes[data_at..data_at + size as usize].to_vec();
+            at = (data_at + size as usize).next_multiple_of(4);
+            if name == "TRAILER!!!" {
+                assert_eq!(at, bytes.len());
+                return out;
+            }
+            out.push((name, mode, rmaj, rmin, data));
+        }
+    }
+
+    #[test]
+    fn every_kind_of_entry_round_trips() {
+        let mut a = Archive::new();
+        a.add_dir("dev", 0o755);
+        a.add_char_device("dev/console", 0o600, 5, 1);
+        a.add_file_with_mode("init", 0o755, b"#!/bin/sh\n");
+        a.add_symlink("bin/sh", "busybox");
+        let got = entries(&a.finish());
+        assert_eq!(
+            got,
+            vec![
+                ("dev".into(), 0o040_755, 0, 0, vec![]),
+                ("dev/console".into(), 0o020_600, 5, 1, vec![]),
+                ("init".into(), 0o100_755, 0, 0, b"#!/bin/sh\n".to_vec()),
+                ("bin/sh".into(), 0o120_777, 0, 0, b"busybox".to_vec()),
+            ]
+        );
     }
 
     #[test]

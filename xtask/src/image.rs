@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::sys;
+use crate::{say, sys};
 
 /// The target triple of the freestanding binaries.
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -95,7 +95,7 @@ pub fn cargo_freestanding(subcommand: &str) -> Command {
 
 /// Runs a command from [`cargo_freestanding`], first saying which rustflags it gets.
 pub fn run_freestanding(cmd: &mut Command) -> Result<()> {
-    println!("  (CARGO_ENCODED_RUSTFLAGS: {})", RUSTFLAGS.join(" "));
+    say!("  (CARGO_ENCODED_RUSTFLAGS: {})", RUSTFLAGS.join(" "));
     sys::run(cmd)
 }
 
@@ -111,13 +111,13 @@ fn build_bin(package: &str, bin: &str, profile: Profile) -> Result<PathBuf> {
 
 /// Builds the hypervisor image and returns its path.
 pub fn build_hypervisor(profile: Profile) -> Result<PathBuf> {
-    println!("building hypervisor image ({})...", profile.dir());
+    say!("building hypervisor image ({})...", profile.dir());
     build_bin("boot", "ferrovisor", profile)
 }
 
 /// Builds the test guest and returns its path.
 pub fn build_testguest(profile: Profile) -> Result<PathBuf> {
-    println!("building test guest ({})...", profile.dir());
+    say!("building test guest ({})...", profile.dir());
     build_bin("testguest", "testguest", profile)
 }
 
@@ -125,7 +125,7 @@ pub fn build_testguest(profile: Profile) -> Result<PathBuf> {
 pub fn build_all(profile: Profile) -> Result<()> {
     let image = build_hypervisor(profile)?;
     let guest = build_testguest(profile)?;
-    println!("hypervisor image: {}", image.display());
-    println!("test guest:       {}", guest.display());
+    say!("hypervisor image: {}", image.display());
+    say!("test guest:       {}", guest.display());
     Ok(())
 }

@@ -1,12 +1,32 @@
 //! Turns a scenario's [`KernelSource`] into a file on the host: the built test guest as
-//! it is, or one of the deliberately broken kernels the hypervisor must refuse.
+//! it is, the cached Linux guest, or one of the deliberately broken kernels the
+//! hypervisor must refuse.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use ferrovisor_tests::{Domain, KernelSource};
 
 use crate::bundle::BundledDomain;
+use crate::guest::{self, LinuxGuest};
+
+/// The built guests kernels can come from.
+#[derive(Clone, Copy, Debug)]
+pub struct Guests<'a> {
+    /// The built test guest.
+    pub testguest: &'a Path,
+    /// The Linux guest, when it was prepared (`cargo xtask guest`).
+    pub linux: Option<&'a LinuxGuest>,
+}
+
+impl Guests<'_> {
+    fn linux(&self) -> Result<&LinuxGuest> {
+        match self.linux {
+            Some(g) => Ok(g),
+            None => bail!("the Linux guest was not prepared (`cargo xtask guest`)"),
+        }
+    }
+}
 
 /// `len` pseudo-random bytes from `seed` (xorshift64*): the same seed gives the same file.
 pub fn garbage(len: usize, seed: u64) -> Vec<u8> {
@@ -110,17 +130,18 @@ fn generated_file(dir: &Path, stem: &str, file: &str, bytes: Vec<u8>) -> Result<
 
 /// Writes (when needed) the kernel described by `source` and returns its host path.
 ///
-/// `testguest` is the built test guest; generated kernels go to `dir/<stem>/`, named
-/// after the kind of breakage.
+/// Generated kernels go to `dir/<stem>/`, named after the kind of breakage.
 pub fn materialise(
     source: &KernelSource,
-    testguest: &Path,
+    guests: Guests,
     dir: &Path,
     stem: &str,
 ) -> Result<PathBuf> {
     let generated = |file: &str, bytes: Vec<u8>| generated_file(dir, stem, file, bytes);
+    let testguest = guests.testguest;
     match source {
         KernelSource::TestGuest => Ok(testguest.to_path_buf()),
+        KernelSource::LinuxGuest => Ok(guests.linux()?.vmlinuz.clone()),
         KernelSource::Path(p) => {
             ensure!(p.is_file(), "kernel {} is not a file", p.display());
             Ok(p.clone())
@@ -139,22 +160,51 @@ pub fn materialise(
     }
 }
 
+/// The ramdisk of a Linux guest domain: its initramfs, followed by the archive holding
+/// `/ferro/cmd` when the domain has a command (written to `dir/<stem>/`).
+fn linux_ramdisk(d: &Domain, guests: Guests, dir: &Path, stem: &str) -> Result<PathBuf> {
+    let g = guests.linux()?;
+    ensure!(
+        d.ramdisk.is_none(),
+        "domain {}: a Linux guest domain gets its initramfs, not a generated ramdisk",
+        d.name
+    );
+    match &d.linux_cmd {
+        None => Ok(g.initramfs.clone()),
+        Some(cmd) => {
+            let out = dir
+                .join(stem)
+                .join(format!("{}-initramfs+cmd.cpio", d.name));
+            guest::ramdisk_with_command(&g.initramfs, cmd, &out)?;
+            Ok(out)
+        }
+    }
+}
+
 /// Materialises every domain's kernel and describes the domains for the bundle.
 ///
 /// Generated kernels are written to `dir/<stem>/` (`stem` is the scenario's name).
 pub fn prepare(
     domains: &[Domain],
-    testguest: &Path,
+    guests: Guests,
     dir: &Path,
     stem: &str,
 ) -> Result<Vec<BundledDomain>> {
     domains
         .iter()
         .map(|d| {
+            ensure!(
+                d.linux_cmd.is_none() || d.kernel == KernelSource::LinuxGuest,
+                "domain {}: only a Linux guest domain runs a command",
+                d.name
+            );
             Ok(BundledDomain {
                 name: d.name.clone(),
-                kernel: materialise(&d.kernel, testguest, dir, stem)?,
+                kernel: materialise(&d.kernel, guests, dir, stem)?,
                 ramdisk: match d.ramdisk {
+                    _ if d.kernel == KernelSource::LinuxGuest => {
+                        Some(linux_ramdisk(d, guests, dir, stem)?)
+                    }
                     Some((len, seed)) => Some(generated_file(
                         dir,
                         stem,

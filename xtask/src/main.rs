@@ -2,18 +2,23 @@
 //! QEMU, and runs everything CI checks.
 //!
 //! - `cargo xtask build [--debug]`: the hypervisor image and the test guests.
-//! - `cargo xtask run [options]`: build, bundle a domain, boot QEMU on this terminal.
+//! - `cargo xtask run [options] [-- CMD]`: build, bundle a domain, boot QEMU on this
+//!   terminal; with `-- CMD`, run CMD in the Linux guest and exit with its status.
+//! - `cargo xtask guest [--force]`: download Debian's kernel and busybox, build the Linux
+//!   guest's initramfs (cached in `target/guest/<release>/`).
 //! - `cargo xtask test [--full] [--scenario NAME]... [--keep-going]`: fmt, clippy, unit
 //!   tests, build and the QEMU scenarios.
 
 mod bundle;
 mod cpio;
+mod guest;
 mod image;
 mod kernels;
 mod pipeline;
 mod qemu;
 mod run;
 mod sys;
+mod transcript;
 
 use std::process::ExitCode;
 
@@ -35,8 +40,11 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
-    /// Build, then boot the hypervisor in QEMU with one domain, serial on this terminal.
+    /// Build, then boot the hypervisor in QEMU with one domain, serial on this terminal;
+    /// with `-- CMD`, run CMD in the Linux guest and exit with its status.
     Run(run::RunArgs),
+    /// Download Debian's kernel and busybox and build the Linux guest (target/guest/).
+    Guest(guest::GuestArgs),
     /// Everything CI runs: fmt, clippy, unit tests, build, QEMU scenarios.
     Test(pipeline::TestArgs),
 }
@@ -51,6 +59,7 @@ fn main() -> ExitCode {
         })
         .map(|()| ExitCode::SUCCESS),
         Cmd::Run(args) => run::run(args),
+        Cmd::Guest(args) => guest::guest(args).map(|()| ExitCode::SUCCESS),
         Cmd::Test(args) => pipeline::test(args),
     };
     match result {

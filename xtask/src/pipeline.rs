@@ -9,13 +9,15 @@ use anyhow::{bail, Result};
 use clap::Args;
 use ferrovisor_tests::{catalogue, judge, Scenario};
 
+use crate::guest::{self, LinuxGuest};
 use crate::image::{self, Profile};
+use crate::kernels::Guests;
 use crate::{bundle, kernels, qemu, sys};
 
 /// Options of `cargo xtask test`.
 #[derive(Args, Debug)]
 pub struct TestArgs {
-    /// Also run the long scenarios (none yet: the same set as without it).
+    /// Also run the long scenarios (those marked full-only, such as linux-boot).
     #[arg(long)]
     pub full: bool,
     /// Run only this scenario (repeat for more); default: every scenario of the set.
@@ -140,7 +142,14 @@ pub fn test(args: TestArgs) -> Result<ExitCode> {
         &format!("QEMU scenarios ({} selected)", scenarios.len()),
     );
     sys::ensure(sys::QEMU)?;
-    let (passed, failed) = run_scenarios(&scenarios)?;
+    // Only download and build the Linux guest when a selected scenario boots it.
+    let linux = if scenarios.iter().any(Scenario::needs_linux_guest) {
+        println!("preparing the Linux guest (cargo xtask guest)...");
+        Some(guest::prepare(false).map_err(|e| format!("{e:#}")))
+    } else {
+        None
+    };
+    let (passed, failed) = run_scenarios(&scenarios, linux.as_ref())?;
     println!();
     println!("{passed} passed, {failed} failed");
     if !failed_steps.is_empty() {
@@ -153,8 +162,12 @@ pub fn test(args: TestArgs) -> Result<ExitCode> {
     })
 }
 
-/// Runs `scenarios` one after the other and returns (passed, failed).
-fn run_scenarios(scenarios: &[Scenario]) -> Result<(usize, usize)> {
+/// Runs `scenarios` one after the other and returns (passed, failed). `linux` is the
+/// Linux guest (or why it could not be prepared) when a scenario needs it.
+fn run_scenarios(
+    scenarios: &[Scenario],
+    linux: Option<&Result<LinuxGuest, String>>,
+) -> Result<(usize, usize)> {
     let work = sys::workspace_root().join("target").join("xtask");
     let logs = work.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -166,7 +179,16 @@ fn run_scenarios(scenarios: &[Scenario]) -> Result<(usize, usize)> {
         println!("--- {}: {}", s.name, s.about);
         let log = logs.join(format!("{}.log", s.name));
         let start = Instant::now();
-        let verdict = run_one(s, &work, &image, &testguest, &log);
+        let verdict = match linux {
+            Some(Err(e)) if s.needs_linux_guest() => Err(format!("no Linux guest: {e}")),
+            _ => {
+                let guests = Guests {
+                    testguest: &testguest,
+                    linux: linux.and_then(|l| l.as_ref().ok()),
+                };
+                run_one(s, &work, &image, guests, &log)
+            }
+        };
         let secs = start.elapsed().as_secs_f64();
         match verdict {
             Ok(()) => {
@@ -188,10 +210,10 @@ fn run_one(
     s: &Scenario,
     work: &Path,
     image: &Path,
-    testguest: &Path,
+    guests: Guests,
     log: &Path,
 ) -> Result<(), String> {
-    let domains = kernels::prepare(&s.domains, testguest, &work.join("kernels"), s.name)
+    let domains = kernels::prepare(&s.domains, guests, &work.join("kernels"), s.name)
         .map_err(|e| format!("preparing kernels: {e:#}"))?;
     let bundle_path = work.join(format!("{}.cpio", s.name));
     bundle::write(&bundle_path, &domains).map_err(|e| format!("{e:#}"))?;
@@ -218,7 +240,11 @@ fn run_one(
         qemu::Ended::Exited(status) => status,
         qemu::Ended::TimedOut => None,
     };
-    let mut result = judge(&s.expect, status, &serial);
+    let expect = match guests.linux {
+        Some(g) => s.expect.with_linux_release(&g.release),
+        None => s.expect.clone(),
+    };
+    let mut result = judge(&expect, status, &serial);
     if ended == qemu::Ended::TimedOut {
         result = Err(format!(
             "timed out after {} s (QEMU killed); {}",

@@ -1,4 +1,5 @@
-//! The one QEMU command line used by `run` and `test`, and running it with a timeout.
+//! The one QEMU command line used by `run` and `test`, the one that boots the Linux
+//! guest without the hypervisor (`run --bare`), and running QEMU with a timeout.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -22,6 +23,8 @@ pub enum Serial {
     Interactive,
     /// A file (`-serial file:PATH`), for tests.
     File(PathBuf),
+    /// QEMU's stdout (`-serial stdio`), for xtask to read through a pipe.
+    Pipe,
 }
 
 /// Everything that varies between QEMU boots.
@@ -49,15 +52,27 @@ pub fn host_memory_mib(domain_memory_mib: u64) -> u64 {
     (HYPERVISOR_MEMORY_MIB + domain_memory_mib).div_ceil(64) * 64
 }
 
-/// The QEMU command line for `boot`.
-pub fn command(boot: &Boot) -> Command {
+/// What QEMU boots directly (its `-kernel`, `-initrd` and `-append`).
+struct Machine<'a> {
+    cpu: &'a str,
+    memory_mib: u64,
+    cpus: u32,
+    kernel: &'a Path,
+    initrd: &'a Path,
+    append: &'a str,
+    serial: &'a Serial,
+    extra: &'a [String],
+    debug_exit: bool,
+}
+
+fn machine_command(m: &Machine) -> Command {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-    push(&["-machine", "q35", "-accel", "tcg", "-cpu", boot.cpu]);
-    push(&["-m", &host_memory_mib(boot.domain_memory_mib).to_string()]);
+    push(&["-machine", "q35", "-accel", "tcg", "-cpu", m.cpu]);
+    push(&["-m", &m.memory_mib.to_string()]);
     push(&[
         "-smp",
-        "1",
+        &m.cpus.to_string(),
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -67,27 +82,81 @@ pub fn command(boot: &Boot) -> Command {
     if Path::new(QBOOT).exists() {
         push(&["-bios", QBOOT]);
     }
-    push(&["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    if m.debug_exit {
+        push(&["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+    }
     args.push("-kernel".into());
-    args.push(boot.image.into());
+    args.push(m.kernel.into());
     args.push("-initrd".into());
-    args.push(boot.bundle.into());
+    args.push(m.initrd.into());
     args.push("-append".into());
-    args.push(boot.cmdline.into());
+    args.push(m.append.into());
     args.push("-serial".into());
-    match &boot.serial {
+    match m.serial {
         Serial::Interactive => args.push("mon:stdio".into()),
         Serial::File(path) => {
             let mut s = OsString::from("file:");
             s.push(path);
             args.push(s);
         }
+        Serial::Pipe => args.push("stdio".into()),
     }
-    args.extend(boot.extra.iter().map(OsString::from));
+    args.extend(m.extra.iter().map(OsString::from));
 
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(args);
     cmd
+}
+
+/// The QEMU command line for `boot`.
+pub fn command(boot: &Boot) -> Command {
+    machine_command(&Machine {
+        cpu: boot.cpu,
+        memory_mib: host_memory_mib(boot.domain_memory_mib),
+        cpus: 1,
+        kernel: boot.image,
+        initrd: boot.bundle,
+        append: boot.cmdline,
+        serial: &boot.serial,
+        extra: boot.extra,
+        debug_exit: true,
+    })
+}
+
+/// A Linux kernel booted by QEMU itself, without the hypervisor (`run --bare`): the
+/// reference the hypervisor's boot is measured against.
+#[derive(Clone, Debug)]
+pub struct BareLinux<'a> {
+    /// The bzImage (`-kernel`).
+    pub kernel: &'a Path,
+    /// The initramfs (`-initrd`).
+    pub initrd: &'a Path,
+    /// The kernel's command line (`-append`).
+    pub cmdline: &'a str,
+    /// Guest memory (`-m`): the same as the domain would get.
+    pub memory_mib: u64,
+    /// Virtual CPUs (`-smp`).
+    pub vcpus: u32,
+    /// Where the serial port goes.
+    pub serial: Serial,
+    /// Extra arguments appended as they are.
+    pub extra: &'a [String],
+}
+
+/// The QEMU command line for a [`BareLinux`] boot: the same machine as [`command`]'s,
+/// without the debug-exit device.
+pub fn bare_linux_command(b: &BareLinux) -> Command {
+    machine_command(&Machine {
+        cpu: "max",
+        memory_mib: b.memory_mib,
+        cpus: b.vcpus,
+        kernel: b.kernel,
+        initrd: b.initrd,
+        append: b.cmdline,
+        serial: &b.serial,
+        extra: b.extra,
+        debug_exit: false,
+    })
 }
 
 /// How a captured QEMU run ended.
@@ -177,6 +246,23 @@ mod tests {
                  -no-user-config -display none -no-reboot{bios} \
                  -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel /t/ferrovisor \
                  -initrd /t/run.cpio -append '' -serial file:/t/x.log -d int"
+            )
+        );
+        let cmd = bare_linux_command(&BareLinux {
+            kernel: Path::new("/g/vmlinuz"),
+            initrd: Path::new("/g/i.cpio"),
+            cmdline: "console=ttyS0 ferro.cmd=1",
+            memory_mib: 256,
+            vcpus: 1,
+            serial: Serial::Pipe,
+            extra: &[],
+        });
+        assert_eq!(
+            shell_line(&cmd),
+            format!(
+                "qemu-system-x86_64 -machine q35 -accel tcg -cpu max -m 256 -smp 1 -nodefaults \
+                 -no-user-config -display none -no-reboot{bios} -kernel /g/vmlinuz \
+                 -initrd /g/i.cpio -append 'console=ttyS0 ferro.cmd=1' -serial stdio"
             )
         );
     }

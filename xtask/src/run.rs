@@ -1,25 +1,64 @@
-//! `cargo xtask run`: build, bundle one domain, boot QEMU on the terminal.
+//! `cargo xtask run`: build, bundle one domain, boot QEMU on the terminal; or, with
+//! `-- CMD`, run a command in the Linux guest, print its output and exit with its status.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
-use ferrovisor_tests::{status_meaning, Domain, KernelSource, STATUS_OK};
+use clap::{Args, ValueEnum};
+use ferrovisor_tests::{
+    linux_cmdline, status_meaning, Domain, KernelSource, CMD_FLAG, LINUX_MEMORY_MIB, STATUS_OK,
+};
 
+use crate::bundle::BundledDomain;
 use crate::image::{self, Profile};
-use crate::{bundle, kernels, qemu, sys};
+use crate::kernels::Guests;
+use crate::transcript::{Event, Source, Transcript};
+use crate::{bundle, guest, kernels, qemu, say, sys};
+
+/// The guests `run` knows by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GuestKind {
+    /// Debian's Linux kernel with the project's busybox initramfs (`cargo xtask guest`).
+    Linux,
+    /// The project's freestanding test guest.
+    #[value(name = "testguest")]
+    TestGuest,
+}
+
+/// The guest `cargo xtask run` boots without `--guest`, `--kernel` or `-- CMD`.
+pub const DEFAULT_GUEST: GuestKind = GuestKind::TestGuest;
+
+/// `run -- CMD` exits with this when the guest never reported the command's status.
+pub const NO_EXIT_MARKER: u8 = 125;
+
+/// Lines of serial output shown when a command run ends without `FERRO-EXIT`.
+const TAIL_LINES: usize = 40;
+
+/// How long QEMU may go on after `FERRO-EXIT` before it is killed.
+const AFTER_EXIT_GRACE: Duration = Duration::from_secs(60);
 
 /// Options of `cargo xtask run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Guest kernel (a PVH ELF); default: the project's test guest.
+    /// Which guest to boot: `linux` or `testguest`. Default: `linux` with `-- CMD` or
+    /// `--bare`, else `DEFAULT_GUEST` (xtask/src/run.rs: the test guest for now).
+    #[arg(long, value_enum, value_name = "GUEST", conflicts_with = "kernel")]
+    pub guest: Option<GuestKind>,
+    /// Guest kernel (a PVH ELF) instead of a named guest.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Guest command line; default: "test=exits" for the test guest, empty otherwise.
+    /// For the Linux guest it is added to "console=hvc0 earlyprintk=xen".
     #[arg(long, value_name = "STR")]
     pub append: Option<String>,
-    /// Guest ramdisk, bundled as `ramdisk = "files/<name>"`.
+    /// Guest ramdisk, bundled as `ramdisk = "files/<name>"` (for the Linux guest: instead
+    /// of its initramfs).
     #[arg(long, value_name = "PATH")]
     pub ramdisk: Option<PathBuf>,
     /// Guest memory in MiB; default: 32 for the test guest, 256 otherwise.
@@ -43,9 +82,72 @@ pub struct RunArgs {
     /// Build and write the bundle, print the QEMU command, but do not start QEMU.
     #[arg(long)]
     pub dry_run: bool,
-    /// A command to run in the guest (needs a Linux guest: not available yet).
+    /// Boot the Linux guest directly in QEMU, without the hypervisor (console ttyS0): the
+    /// reference for boot-time comparisons.
+    #[arg(long, conflicts_with = "kernel")]
+    pub bare: bool,
+    /// With `-- CMD`: kill QEMU and fail when the command has not finished after SECS.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// A command to run in the Linux guest (words joined with spaces, run by sh); run
+    /// exits with its status.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// What `run` boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Choice {
+    TestGuest,
+    Linux,
+    Kernel(PathBuf),
+}
+
+/// Picks the guest from `--kernel`, `--guest`, `--bare` and whether a command was given.
+fn choose(
+    kernel: Option<&Path>,
+    guest: Option<GuestKind>,
+    bare: bool,
+    has_cmd: bool,
+) -> Result<Choice> {
+    if let Some(k) = kernel {
+        if has_cmd {
+            bail!("`run -- CMD` runs the command in the Linux guest: it does not go with --kernel");
+        }
+        if bare || guest.is_some() {
+            bail!("--kernel does not go with --guest or --bare");
+        }
+        return Ok(Choice::Kernel(k.to_path_buf()));
+    }
+    match guest {
+        Some(GuestKind::TestGuest) if has_cmd => {
+            bail!("`run -- CMD` runs the command in the Linux guest: it does not go with --guest testguest")
+        }
+        Some(GuestKind::TestGuest) if bare => {
+            bail!("--bare boots the Linux guest without the hypervisor: it does not go with --guest testguest")
+        }
+        Some(GuestKind::TestGuest) => Ok(Choice::TestGuest),
+        Some(GuestKind::Linux) => Ok(Choice::Linux),
+        None if has_cmd || bare => Ok(Choice::Linux),
+        None => Ok(match DEFAULT_GUEST {
+            GuestKind::Linux => Choice::Linux,
+            GuestKind::TestGuest => Choice::TestGuest,
+        }),
+    }
+}
+
+/// The Linux guest's command line on bare QEMU: the serial console instead of hvc0.
+fn bare_cmdline(with_cmd: bool, append: &str) -> String {
+    let mut s = "console=ttyS0".to_string();
+    if with_cmd {
+        s.push(' ');
+        s.push_str(CMD_FLAG);
+    }
+    if !append.trim().is_empty() {
+        s.push(' ');
+        s.push_str(append.trim());
+    }
+    s
 }
 
 /// The QEMU `-cpu` value for a `--cpu` backend name.
@@ -69,33 +171,38 @@ fn exit_code(status: Option<i32>) -> u8 {
 
 /// Runs `cargo xtask run`.
 pub fn run(args: RunArgs) -> Result<ExitCode> {
-    if !args.command.is_empty() {
-        bail!("running a command in the guest needs a Linux guest: not available yet");
+    let command = (!args.command.is_empty()).then(|| args.command.join(" "));
+    if command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        bail!("the command after `--` is empty");
     }
+    if command.is_some() {
+        // stdout is the command's output.
+        sys::chatter_to_stderr();
+    }
+    let choice = choose(
+        args.kernel.as_deref(),
+        args.guest,
+        args.bare,
+        command.is_some(),
+    )?;
     let cpu = qemu_cpu(&args.cpu)?;
     let profile = if args.debug {
         Profile::Debug
     } else {
         Profile::Release
     };
-
     if !args.dry_run {
         sys::ensure(sys::QEMU)?;
     }
+    let work = sys::workspace_root().join("target").join("xtask");
+    if choice == Choice::Linux {
+        return run_linux(&args, command.as_deref(), cpu, profile, &work);
+    }
+
     let image = image::build_hypervisor(profile)?;
-    let (domain, testguest) = match &args.kernel {
-        None => {
-            let guest = image::build_testguest(profile)?;
-            let domain = Domain {
-                memory_mib: args.memory.unwrap_or(32),
-                vcpus: args.vcpus,
-                cmdline: args.append.clone().unwrap_or_else(|| "test=exits".into()),
-                ..Domain::test_guest("testguest", "")
-            };
-            (domain, guest)
-        }
-        Some(path) => {
-            let path = std::fs::canonicalize(path)
+    let (domain, testguest) = match choice {
+        Choice::Kernel(path) => {
+            let path = std::fs::canonicalize(&path)
                 .with_context(|| format!("--kernel {}", path.display()))?;
             let name = path
                 .file_name()
@@ -109,15 +216,29 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 vcpus: args.vcpus,
                 test_interface: false,
                 ramdisk: None,
+                linux_cmd: None,
             };
             (domain, PathBuf::new())
         }
+        _ => {
+            let guest = image::build_testguest(profile)?;
+            let domain = Domain {
+                memory_mib: args.memory.unwrap_or(32),
+                vcpus: args.vcpus,
+                cmdline: args.append.clone().unwrap_or_else(|| "test=exits".into()),
+                ..Domain::test_guest("testguest", "")
+            };
+            (domain, guest)
+        }
     };
 
-    let work = sys::workspace_root().join("target").join("xtask");
+    let guests = Guests {
+        testguest: &testguest,
+        linux: None,
+    };
     let mut domains = kernels::prepare(
         std::slice::from_ref(&domain),
-        &testguest,
+        guests,
         &work.join("kernels"),
         "run",
     )?;
@@ -125,18 +246,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let r = std::fs::canonicalize(r).with_context(|| format!("--ramdisk {}", r.display()))?;
         domains[0].ramdisk = Some(r);
     }
-    let bundle_path = work.join("run.cpio");
-    bundle::write(&bundle_path, &domains)?;
-    println!(
-        "boot bundle: {} (domain '{}', {} MiB, {} vCPU, cmdline {})",
-        bundle_path.display(),
-        domain.name,
-        domain.memory_mib,
-        domain.vcpus,
-        bundle::quote(&domain.cmdline)
-    );
-
-    let mut cmd = qemu::command(&qemu::Boot {
+    let bundle_path = write_bundle(&work, &domains[0])?;
+    let cmd = qemu::command(&qemu::Boot {
         image: &image,
         bundle: &bundle_path,
         cmdline: &args.cmdline,
@@ -145,18 +256,294 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         serial: qemu::Serial::Interactive,
         extra: &args.qemu_args,
     });
-    if args.dry_run {
-        println!("{}", sys::shell_line(&cmd));
+    interactive(cmd, args.dry_run, false)
+}
+
+/// Writes `target/xtask/run.cpio` for one domain and says what is in it.
+fn write_bundle(work: &Path, domain: &BundledDomain) -> Result<PathBuf> {
+    let bundle_path = work.join("run.cpio");
+    bundle::write(&bundle_path, std::slice::from_ref(domain))?;
+    say!(
+        "boot bundle: {} (domain '{}', {} MiB, {} vCPU, cmdline {})",
+        bundle_path.display(),
+        domain.name,
+        domain.memory_mib,
+        domain.vcpus,
+        bundle::quote(&domain.cmdline)
+    );
+    Ok(bundle_path)
+}
+
+/// Boots the Linux guest, under the hypervisor or (`--bare`) directly in QEMU, with its
+/// console on the terminal or running `command`.
+fn run_linux(
+    args: &RunArgs,
+    command: Option<&str>,
+    cpu: &str,
+    profile: Profile,
+    work: &Path,
+) -> Result<ExitCode> {
+    let g = guest::prepare(false)?;
+    let base = match &args.ramdisk {
+        Some(r) => {
+            std::fs::canonicalize(r).with_context(|| format!("--ramdisk {}", r.display()))?
+        }
+        None => g.initramfs.clone(),
+    };
+    let ramdisk = match command {
+        Some(c) => {
+            let out = work.join("run-initramfs+cmd.cpio");
+            guest::ramdisk_with_command(&base, c, &out)?;
+            out
+        }
+        None => base,
+    };
+    let memory_mib = args.memory.unwrap_or(LINUX_MEMORY_MIB);
+    let append = args.append.as_deref().unwrap_or("");
+    let serial = if command.is_some() {
+        qemu::Serial::Pipe
+    } else {
+        qemu::Serial::Interactive
+    };
+
+    let (qemu_cmd, source) = if args.bare {
+        let cmdline = bare_cmdline(command.is_some(), append);
+        say!(
+            "Linux guest {} on bare QEMU, without the hypervisor ({memory_mib} MiB, {} vCPU, \
+             cmdline {})",
+            g.release,
+            args.vcpus,
+            bundle::quote(&cmdline)
+        );
+        let cmd = qemu::bare_linux_command(&qemu::BareLinux {
+            kernel: &g.vmlinuz,
+            initrd: &ramdisk,
+            cmdline: &cmdline,
+            memory_mib,
+            vcpus: args.vcpus,
+            serial,
+            extra: &args.qemu_args,
+        });
+        (cmd, Source::Bare)
+    } else {
+        let image = image::build_hypervisor(profile)?;
+        let domain = BundledDomain {
+            name: "linux".into(),
+            kernel: g.vmlinuz.clone(),
+            ramdisk: Some(ramdisk),
+            cmdline: linux_cmdline(command.is_some(), append),
+            memory_mib,
+            vcpus: args.vcpus,
+            test_interface: false,
+        };
+        let bundle_path = write_bundle(work, &domain)?;
+        let cmd = qemu::command(&qemu::Boot {
+            image: &image,
+            bundle: &bundle_path,
+            cmdline: &args.cmdline,
+            cpu,
+            domain_memory_mib: memory_mib,
+            serial,
+            extra: &args.qemu_args,
+        });
+        (cmd, Source::Hypervisor { domid: 1 })
+    };
+    match command {
+        None => interactive(qemu_cmd, args.dry_run, args.bare),
+        Some(_) if args.dry_run => {
+            say!("{}", sys::shell_line(&qemu_cmd));
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(_) => run_command(
+            qemu_cmd,
+            source,
+            work,
+            args.timeout.map(Duration::from_secs),
+        ),
+    }
+}
+
+/// Boots QEMU with the serial console on the terminal. Under the hypervisor the exit
+/// code follows its verdict; on bare QEMU it is QEMU's own status.
+fn interactive(mut cmd: Command, dry_run: bool, bare: bool) -> Result<ExitCode> {
+    if dry_run {
+        say!("{}", sys::shell_line(&cmd));
         return Ok(ExitCode::SUCCESS);
     }
-    println!("$ {}", sys::shell_line(&cmd));
-    println!("(serial on this terminal; Ctrl-A X quits QEMU)");
+    say!("$ {}", sys::shell_line(&cmd));
+    say!("(serial on this terminal; Ctrl-A X quits QEMU)");
     let status = cmd.status().context("starting qemu-system-x86_64")?.code();
+    if bare {
+        match status {
+            Some(s) => say!("QEMU exited with status {s}"),
+            None => say!("QEMU was killed by a signal"),
+        }
+        return Ok(ExitCode::from(status.map_or(2, |s| s.clamp(0, 255) as u8)));
+    }
     match status {
-        Some(s) => println!("QEMU exited with status {s}: {}", status_meaning(s)),
-        None => println!("QEMU was killed by a signal: {}", status_meaning(-1)),
+        Some(s) => say!("QEMU exited with status {s}: {}", status_meaning(s)),
+        None => say!("QEMU was killed by a signal: {}", status_meaning(-1)),
     }
     Ok(ExitCode::from(exit_code(status)))
+}
+
+/// Boots QEMU (`-serial stdio`) with a guest that runs a command: prints the command's
+/// output as it comes, and returns its status from the `FERRO-EXIT` line.
+fn run_command(
+    mut qemu_cmd: Command,
+    source: Source,
+    work: &Path,
+    timeout: Option<Duration>,
+) -> Result<ExitCode> {
+    std::fs::create_dir_all(work)?;
+    let log = work.join("run.log");
+    let qemu_out = log.with_extension("qemu.txt");
+    say!("$ {}", sys::shell_line(&qemu_cmd));
+    say!("(serial log: {})", log.display());
+    let qemu_err =
+        File::create(&qemu_out).with_context(|| format!("creating {}", qemu_out.display()))?;
+    let mut log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+
+    let start = Instant::now();
+    let mut child = qemu_cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(qemu_err)
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let serial = child.stdout.take().context("QEMU's stdout")?;
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let reader = std::thread::spawn(move || {
+        let mut r = BufReader::new(serial);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let at = Instant::now();
+                    let _ = log_file.write_all(&buf);
+                    let mut line = String::from_utf8_lossy(&buf).into_owned();
+                    if line.ends_with('\n') {
+                        line.pop();
+                    }
+                    if tx.send((at, line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+
+    let mut transcript = Transcript::new(source);
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+    let mut up_at: Option<Duration> = None;
+    let mut exit: Option<(i32, Duration)> = None;
+    let mut killed: Option<String> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((at, line)) => {
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.trim_end_matches('\r').to_string());
+                for event in transcript.feed(&line) {
+                    match event {
+                        Event::Up => {
+                            up_at.get_or_insert(at - start);
+                        }
+                        Event::Running => {}
+                        Event::Output(text) => {
+                            let mut out = std::io::stdout().lock();
+                            let _ = writeln!(out, "{text}");
+                            let _ = out.flush();
+                        }
+                        Event::Diagnostic(text) => eprintln!("{text}"),
+                        Event::Exit(status) => exit = Some((status, at - start)),
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if killed.is_none() {
+            let why = match (exit, timeout) {
+                (Some((_, at)), _) if start.elapsed() > at + AFTER_EXIT_GRACE => Some(format!(
+                    "QEMU still ran {} s after FERRO-EXIT",
+                    AFTER_EXIT_GRACE.as_secs()
+                )),
+                (None, Some(limit)) if start.elapsed() > limit => Some(format!(
+                    "no FERRO-EXIT within --timeout {} s",
+                    limit.as_secs()
+                )),
+                _ => None,
+            };
+            if let Some(why) = why {
+                let _ = child.kill();
+                killed = Some(why);
+            }
+        }
+    }
+    let status = child.wait()?.code();
+    let _ = reader.join();
+
+    let qemu_said = std::fs::read_to_string(&qemu_out).unwrap_or_default();
+    let qemu_status = match (&killed, status) {
+        (Some(why), _) => format!("{why}: QEMU killed"),
+        (None, Some(s)) if source != Source::Bare => {
+            format!("QEMU exited with status {s}: {}", status_meaning(s))
+        }
+        (None, Some(s)) => format!("QEMU exited with status {s}"),
+        (None, None) => "QEMU was killed by a signal".to_string(),
+    };
+    match exit {
+        Some((code, at)) => {
+            say!(
+                "guest command finished in {:.1} s (QEMU start to FERRO-EXIT)",
+                at.as_secs_f64()
+            );
+            if let Some(up) = up_at {
+                say!(
+                    "(ferro-init: up {:.1} s after QEMU start)",
+                    up.as_secs_f64()
+                );
+            }
+            let clean = killed.is_none()
+                && match source {
+                    Source::Bare => status == Some(0),
+                    Source::Hypervisor { .. } => status == Some(STATUS_OK),
+                };
+            if !clean {
+                say!("warning: after the command, {qemu_status}");
+                if !qemu_said.trim().is_empty() {
+                    say!("QEMU said: {}", qemu_said.trim());
+                }
+            }
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        None => {
+            eprintln!("last {} serial lines:", tail.len());
+            for l in &tail {
+                eprintln!("  | {l}");
+            }
+            if !qemu_said.trim().is_empty() {
+                eprintln!("QEMU said: {}", qemu_said.trim());
+            }
+            let phase = if transcript.started() {
+                "while the command ran"
+            } else if up_at.is_some() {
+                "after ferro-init came up, before the command started"
+            } else {
+                "before ferro-init came up"
+            };
+            eprintln!(
+                "error: the guest ended without reporting FERRO-EXIT ({phase}; {qemu_status}); \
+                 serial log: {}",
+                log.display()
+            );
+            Ok(ExitCode::from(NO_EXIT_MARKER))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -179,5 +566,35 @@ mod tests {
         assert_eq!(exit_code(Some(7)), 7);
         assert_eq!(exit_code(Some(0)), 2);
         assert_eq!(exit_code(None), 2);
+    }
+
+    #[test]
+    fn the_guest_follows_the_options() {
+        let k = Path::new("/k");
+        assert_eq!(choose(None, None, false, false).unwrap(), Choice::TestGuest);
+        assert_eq!(choose(None, None, false, true).unwrap(), Choice::Linux);
+        assert_eq!(choose(None, None, true, false).unwrap(), Choice::Linux);
+        assert_eq!(
+            choose(None, Some(GuestKind::Linux), false, false).unwrap(),
+            Choice::Linux
+        );
+        assert_eq!(
+            choose(Some(k), None, false, false).unwrap(),
+            Choice::Kernel(k.into())
+        );
+        let err = choose(None, Some(GuestKind::TestGuest), false, true).unwrap_err();
+        assert!(err.to_string().contains("--guest testguest"), "{err}");
+        assert!(choose(None, Some(GuestKind::TestGuest), true, false).is_err());
+        assert!(choose(Some(k), None, false, true).is_err());
+        assert!(choose(Some(k), None, true, false).is_err());
+    }
+
+    #[test]
+    fn bare_command_lines_use_the_serial_console() {
+        assert_eq!(bare_cmdline(false, ""), "console=ttyS0");
+        assert_eq!(
+            bare_cmdline(true, "quiet"),
+            "console=ttyS0 ferro.cmd=1 quiet"
+        );
     }
 }

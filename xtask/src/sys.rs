@@ -2,10 +2,49 @@
 //! system packages xtask needs (QEMU today; Bochs and GRUB later).
 
 use std::ffi::OsStr;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
+
+/// Whether xtask's own messages (and the output of the programs it runs for itself) go
+/// to stderr, leaving stdout to a guest command's output (`cargo xtask run -- CMD`).
+static CHATTER_TO_STDERR: AtomicBool = AtomicBool::new(false);
+
+/// Sends xtask's messages to stderr from now on (see [`say`]).
+pub fn chatter_to_stderr() {
+    CHATTER_TO_STDERR.store(true, Ordering::Relaxed);
+}
+
+/// Prints one of xtask's own messages: to stdout, or to stderr after
+/// [`chatter_to_stderr`]. Used through the `say!` macro.
+pub fn say(args: fmt::Arguments) {
+    if CHATTER_TO_STDERR.load(Ordering::Relaxed) {
+        eprintln!("{args}");
+    } else {
+        println!("{args}");
+    }
+}
+
+/// `println!` for xtask's own messages: see [`say`].
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::sys::say(format_args!($($arg)*))
+    };
+}
+
+/// Points `cmd`'s stdout at stderr when xtask's messages go there.
+fn chatter_stdout(cmd: &mut Command) {
+    if CHATTER_TO_STDERR.load(Ordering::Relaxed) {
+        use std::os::fd::AsFd;
+        if let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() {
+            cmd.stdout(Stdio::from(fd));
+        }
+    }
+}
 
 /// The workspace root (the directory above `xtask/`).
 pub fn workspace_root() -> PathBuf {
@@ -52,7 +91,8 @@ pub fn shell_line(cmd: &Command) -> String {
 
 /// Prints `cmd`, runs it with the terminal attached and fails unless it succeeds.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    println!("$ {}", shell_line(cmd));
+    say!("$ {}", shell_line(cmd));
+    chatter_stdout(cmd);
     let status = cmd
         .status()
         .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
@@ -105,7 +145,8 @@ pub const QEMU: &[Requirement] = &[
     },
 ];
 
-fn is_root() -> bool {
+/// Whether xtask runs as root.
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -147,9 +188,11 @@ pub fn ensure(requirements: &[Requirement]) -> Result<()> {
     } else {
         if missing.iter().all(|r| r.optional) {
             for r in &missing {
-                println!(
+                say!(
                     "warning: {} is missing (package {}: {}); going on without it",
-                    r.command, r.package, r.why
+                    r.command,
+                    r.package,
+                    r.why
                 );
             }
             return Ok(());
@@ -164,12 +207,12 @@ pub fn ensure(requirements: &[Requirement]) -> Result<()> {
         );
     };
 
-    println!(
+    say!(
         "installing system packages{}:",
         if sudo { " with sudo" } else { "" }
     );
     for r in &missing {
-        println!("  {} for {}: {}", r.package, r.command, r.why);
+        say!("  {} for {}: {}", r.package, r.command, r.why);
     }
     let apt = |args: &[&str]| -> Command {
         let mut cmd = if sudo {

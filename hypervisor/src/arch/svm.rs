@@ -179,6 +179,7 @@ mod off {
     pub const TSC_OFFSET: usize = 0x050;
     pub const ASID: usize = 0x058;
     pub const TLB_CONTROL: usize = 0x05c;
+    pub const VINTR: usize = 0x060;
     pub const EXITCODE: usize = 0x070;
     pub const EXITINFO1: usize = 0x078;
     pub const EXITINFO2: usize = 0x080;
@@ -260,6 +261,13 @@ mod code {
     pub const INVALID: u64 = 0xffff_ffff;
 }
 
+/// V_INTR_MASKING: the guest's IF masks only virtual interrupts; physical ones follow
+/// the host's IF (and exit through the INTR intercept).
+const VINTR_MASKING: u64 = 1 << 24;
+/// V_IRQ, V_IGN_TPR and priority 15: a virtual interrupt to deliver when the guest's IF
+/// allows.
+const VIRQ_BITS: u64 = (1 << 8) | (1 << 20) | (0xf << 16);
+
 /// The virtual machine control block: one 4 KiB page, accessed by field offset.
 #[repr(C, align(4096))]
 pub struct Vmcb([u8; 4096]);
@@ -313,7 +321,9 @@ const _: () = assert!(core::mem::size_of::<Vmcb>() == 4096);
 
 // The world switch. rdi = &mut RunCtx. Saves the host's callee-saved registers and FPU
 // state, loads the guest's FPU state and GPRs, VMLOAD/VMRUN/VMSAVE, and reverses it all.
-// Host interrupts stay off throughout; GIF is cleared around the switch.
+// GIF is cleared around the switch; host interrupts are enabled (STI under GIF=0) so
+// that, with V_INTR_MASKING, a host timer interrupt exits the guest; it is taken
+// right after STGI and acknowledged by the image's handler, then interrupts go off.
 core::arch::global_asm!(
     r#"
     .text
@@ -349,6 +359,7 @@ ferrovisor_svm_run:
     fxrstor64 [r8]
 2:
     clgi
+    sti
     mov rax, [rdi + {host_save}]
     vmsave rax
 
@@ -391,6 +402,8 @@ ferrovisor_svm_run:
     mov rax, [rdi + {host_save}]
     vmload rax
     stgi
+    nop
+    cli
 
     cmp qword ptr [rdi + {use_xsave}], 0
     je 3f
@@ -502,6 +515,7 @@ impl SvmVcpu {
         v.w32(off::ASID, asid);
         v.0[off::TLB_CONTROL] = 1; // flush everything on the first entry
         v.w64(off::NP_ENABLE, 1);
+        v.w64(off::VINTR, VINTR_MASKING);
         v.w64(off::N_CR3, ncr3);
 
         // Flat 32-bit protected mode, as Xen's PVH start: CS 32-bit code, data segments
@@ -766,6 +780,53 @@ impl GuestCpu for SvmVcpu {
 
     fn set_xcr0(&mut self, v: u64) {
         self.guest_xcr0 = v;
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) {
+        let v = self.vmcb.r64(off::VINTR) & !(VIRQ_BITS | (0xff << 32));
+        self.vmcb
+            .w64(off::VINTR, v | VIRQ_BITS | (u64::from(vector) << 32));
+    }
+
+    fn interrupt_pending(&self) -> bool {
+        self.vmcb.r64(off::VINTR) & (1 << 8) != 0
+    }
+
+    fn reset_real_mode(&mut self, vector: u8) {
+        let v = &mut self.vmcb;
+        let base = u64::from(vector) << 12;
+        v.set_segment(off::CS, u16::from(vector) << 8, 0x009b, 0xffff, base);
+        for o in [off::DS, off::ES, off::SS, off::FS, off::GS] {
+            v.set_segment(o, 0, 0x0093, 0xffff, 0);
+        }
+        v.set_segment(off::TR, 0, 0x008b, 0xffff, 0);
+        v.set_segment(off::LDTR, 0, 0x0082, 0xffff, 0);
+        v.set_segment(off::GDTR, 0, 0, 0xffff, 0);
+        v.set_segment(off::IDTR, 0, 0, 0xffff, 0);
+        v.0[off::CPL] = 0;
+        v.w64(off::EFER, efer::SVME);
+        v.w64(off::CR0, 0x10);
+        v.w64(off::CR3, 0);
+        v.w64(off::CR4, 0);
+        v.w64(off::RFLAGS, 0x2);
+        v.w64(off::RIP, 0);
+        v.w64(off::RSP, 0);
+        v.w64(off::RAX, 0);
+        v.w64(off::EVENTINJ, 0);
+        let vintr = v.r64(off::VINTR) & !(VIRQ_BITS | (0xff << 32));
+        v.w64(off::VINTR, vintr);
+        v.0[off::TLB_CONTROL] = 1;
+        self.ctx.gprs = [0; 16];
+        self.guest_xcr0 = 1;
+        *self.guest_fpu = FpuArea::new();
+    }
+
+    fn flush_tlb(&mut self) {
+        self.vmcb.0[off::TLB_CONTROL] = 1;
+    }
+
+    fn hypercall_instruction(&self) -> [u8; 3] {
+        [0x0f, 0x01, 0xd9] // vmmcall
     }
 }
 

@@ -2,7 +2,8 @@
 //! and reports what it observed through the test hypercall (`abi::ferro`).
 //!
 //! Command line: `test=exits` (default) runs the exit-path checks in the order of
-//! [`Check::ALL`]; `test=triple-fault` triple-faults on purpose. Any other `test=` value
+//! [`Check::ALL`]; `test=triple-fault` triple-faults on purpose; `test=spin` computes for
+//! about a second without exits, then powers off. Any other `test=` value
 //! is reported and ends the guest with `SHUTDOWN_crash`.
 //!
 //! Boot: [`boot`] (32-bit PVH entry to long mode). Exceptions: [`idt`]. The instructions
@@ -64,6 +65,7 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
     match test_option(cmdline()) {
         b"exits" => run_exits(),
         b"triple-fault" => run_triple_fault(),
+        b"spin" => run_spin(),
         other => {
             console_write("testguest: unknown test '");
             console_write_bytes(other);
@@ -163,6 +165,21 @@ fn run_exits() -> ! {
 }
 
 /// `test=triple-fault`.
+/// The `test=spin` guest: computes without a single exit for about 2e9 TSC cycles
+/// (about a second here), then powers off. Another domain that finishes first proves
+/// the hypervisor preempts a guest that never gives the CPU back.
+fn run_spin() -> ! {
+    console_write("testguest: spinning without exits\n");
+    // SAFETY: RDTSC is unprivileged and has no side effects.
+    let start = unsafe { core::arch::x86_64::_rdtsc() };
+    // SAFETY: as above.
+    while unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(start) < 2_000_000_000 {
+        core::hint::spin_loop();
+    }
+    console_write("testguest: done spinning\n");
+    shutdown(hc::SHUTDOWN_POWEROFF)
+}
+
 fn run_triple_fault() -> ! {
     console_write("testguest: about to triple fault\n");
     arch::triple_fault()
