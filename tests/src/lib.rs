@@ -288,8 +288,14 @@ impl Scenario {
 }
 
 /// The command the `linux-boot` scenario runs in the Linux guest.
-pub const LINUX_BOOT_CMD: &str = "cat /sys/hypervisor/type; uname -r; \
-    dmesg | grep -iE 'xen|clocksource|evtchn|event channel' | head -40";
+/// It prints the hypervisor type, the release, the CPU count, then one line of dmesg for
+/// each fact the judge checks, in a fixed order.
+pub const LINUX_BOOT_CMD: &str = "cat /sys/hypervisor/type; uname -r; nproc; \
+    for p in 'Booting kernel on Xen PVH' 'xen:events: Using' 'callback vector for event delivery' \
+    'smp: Brought up' 'Switched to clocksource xen'; do dmesg | grep -m1 \"$p\"; done";
+
+/// vCPUs of the `linux-boot` guest: it proves SMP bring-up in the same boot.
+pub const LINUX_BOOT_VCPUS: u32 = 2;
 
 /// The `d<domid> check <name>: PASS` lines of every check, in the order the test guest
 /// runs them.
@@ -464,7 +470,10 @@ pub fn catalogue() -> Vec<Scenario> {
                     sees Xen and runs a command",
             cpu: CPU,
             hv_cmdline: "",
-            domains: vec![Domain::linux_guest("linux", Some(LINUX_BOOT_CMD))],
+            domains: vec![Domain {
+                vcpus: LINUX_BOOT_VCPUS,
+                ..Domain::linux_guest("linux", Some(LINUX_BOOT_CMD))
+            }],
             expect: Expect {
                 status: STATUS_OK,
                 lines: vec![
@@ -472,13 +481,46 @@ pub fn catalogue() -> Vec<Scenario> {
                     INIT_RUNNING.into(),
                     Line::Exact("xen".into()),
                     Line::Exact(LINUX_RELEASE.into()),
+                    Line::Exact(LINUX_BOOT_VCPUS.to_string()),
+                    "Booting kernel on Xen PVH".into(),
+                    // FIFO event channels arrive with the grant/event-channel issue.
+                    "xen:events: Using 2-level ABI".into(),
+                    "Xen HVM callback vector for event delivery is enabled".into(),
+                    format!("smp: Brought up 1 node, {LINUX_BOOT_VCPUS} CPUs").into(),
+                    "clocksource: Switched to clocksource xen".into(),
                     Line::Exact(format!("{EXIT_MARKER} 0")),
+                    "(linux) shut down: poweroff".into(),
                 ],
                 forbidden: strings(&["PANIC", "EXCEPTION", "FATAL", "Kernel panic"]),
             },
             timeout_secs: 600,
-            // Until the hypervisor boots Linux.
-            full_only: true,
+            full_only: false,
+        },
+        Scenario {
+            name: "preemption",
+            about: "a guest that computes without exits is preempted: a second domain \
+                    completes all its checks meanwhile",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("spinner", "test=spin"),
+                Domain::test_guest("testguest", "test=exits"),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: {
+                    let mut l = vec![Line::from("(d1) testguest: spinning without exits")];
+                    l.extend(all_checks_pass(2));
+                    l.push("d2 (testguest) shut down: poweroff".into());
+                    l.push("(d1) testguest: done spinning".into());
+                    l.push("d1 (spinner) shut down: poweroff".into());
+                    l.push("all domains finished: 2 ok, 0 failed".into());
+                    l
+                },
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
         },
     ]
 }
@@ -705,14 +747,16 @@ mod tests {
         assert!(s.needs_linux_guest());
         assert!(s.domains[0].cmdline.contains(CMD_FLAG));
         assert!(s.domains[0].linux_cmd.is_some());
-        assert!(!catalogue()
-            .iter()
-            .filter(|s| !s.full_only)
-            .any(Scenario::needs_linux_guest));
+        assert_eq!(s.domains[0].vcpus, LINUX_BOOT_VCPUS);
         let e = s.expect.with_linux_release("6.1.0-56-amd64");
         let serial = "(HV) ferrovisor\n(d1) ferro-init: up (6.1.0-56-amd64)\n\
-                      (d1) ferro-init: running command\n(d1) xen\n(d1) 6.1.0-56-amd64\n\
-                      (d1) [    0.000000] Xen version 4.17\n(d1) FERRO-EXIT 0\n";
+                      (d1) ferro-init: running command\n(d1) xen\n(d1) 6.1.0-56-amd64\n(d1) 2\n\
+                      (d1) [    3.8] Booting kernel on Xen PVH\n\
+                      (d1) [    4.4] xen:events: Using 2-level ABI\n\
+                      (d1) [    4.4] xen:events: Xen HVM callback vector for event delivery is enabled\n\
+                      (d1) [    4.7] smp: Brought up 1 node, 2 CPUs\n\
+                      (d1) [    4.6] clocksource: Switched to clocksource xen\n\
+                      (d1) FERRO-EXIT 0\n(HV) d1 (linux) shut down: poweroff\n";
         assert_eq!(judge(&e, Some(STATUS_OK), serial), Ok(()));
         let err = judge(&s.expect, Some(STATUS_OK), serial).unwrap_err();
         assert!(err.contains(LINUX_RELEASE), "unresolved placeholder: {err}");

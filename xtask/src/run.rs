@@ -32,7 +32,7 @@ pub enum GuestKind {
 }
 
 /// The guest `cargo xtask run` boots without `--guest`, `--kernel` or `-- CMD`.
-pub const DEFAULT_GUEST: GuestKind = GuestKind::TestGuest;
+pub const DEFAULT_GUEST: GuestKind = GuestKind::Linux;
 
 /// `run -- CMD` exits with this when the guest never reported the command's status.
 pub const NO_EXIT_MARKER: u8 = 125;
@@ -47,7 +47,7 @@ const AFTER_EXIT_GRACE: Duration = Duration::from_secs(60);
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Which guest to boot: `linux` or `testguest`. Default: `linux` with `-- CMD` or
-    /// `--bare`, else `DEFAULT_GUEST` (xtask/src/run.rs: the test guest for now).
+    /// `--bare`, else `DEFAULT_GUEST` (xtask/src/run.rs: Debian's Linux).
     #[arg(long, value_enum, value_name = "GUEST", conflicts_with = "kernel")]
     pub guest: Option<GuestKind>,
     /// Guest kernel (a PVH ELF) instead of a named guest.
@@ -571,7 +571,11 @@ mod tests {
     #[test]
     fn the_guest_follows_the_options() {
         let k = Path::new("/k");
-        assert_eq!(choose(None, None, false, false).unwrap(), Choice::TestGuest);
+        assert_eq!(choose(None, None, false, false).unwrap(), Choice::Linux);
+        assert_eq!(
+            choose(None, Some(GuestKind::TestGuest), false, false).unwrap(),
+            Choice::TestGuest
+        );
         assert_eq!(choose(None, None, false, true).unwrap(), Choice::Linux);
         assert_eq!(choose(None, None, true, false).unwrap(), Choice::Linux);
         assert_eq!(

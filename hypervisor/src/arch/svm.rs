@@ -407,8 +407,14 @@ ferrovisor_svm_run:
 
     cmp qword ptr [rdi + {use_xsave}], 0
     je 3f
-    mov eax, dword ptr [rdi + {guest_xcr0}]
-    mov edx, dword ptr [rdi + {guest_xcr0} + 4]
+    /* The guest's XCR0 as it is now: XSETBV is not intercepted everywhere (QEMU's
+       SVM model lacks that intercept), so read it back instead of trusting our copy.
+       Save only components the host area has room for. */
+    xor ecx, ecx
+    xgetbv
+    and eax, dword ptr [rdi + {host_xcr0}]
+    mov dword ptr [rdi + {guest_xcr0}], eax
+    mov dword ptr [rdi + {guest_xcr0} + 4], 0
     mov r8, [rdi + {guest_fpu}]
     xsave64 [r8]
     mov eax, dword ptr [rdi + {host_xcr0}]
@@ -640,6 +646,9 @@ impl GuestCpu for SvmVcpu {
         // are owned by this vCPU and its SvmCpu (heap memory, identity-mapped, aligned
         // as VMRUN/XSAVE require); SVM was enabled on this CPU by `enable`.
         unsafe { ferrovisor_svm_run(&mut self.ctx) };
+        if let FpuMode::Xsave { .. } = self.fpu {
+            self.guest_xcr0 = self.ctx.guest_xcr0;
+        }
         self.vmcb.0[off::TLB_CONTROL] = 0;
         self.vmcb.w64(off::EVENTINJ, 0);
         self.decode_exit()
