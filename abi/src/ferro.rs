@@ -68,6 +68,9 @@ pub enum Check {
     /// Only when the domain has a ramdisk (module 0 of `hvm_start_info`): the
     /// [`fnv1a64`] of its bytes (value) and its length (value2), as the guest read them.
     Ramdisk = 11,
+    /// Only from `test=hostile`: hypercalls with garbage arguments. value = how many
+    /// returned something other than Xen's error code, value2 = how many were made.
+    Hostile = 12,
 }
 
 impl Check {
@@ -86,7 +89,7 @@ impl Check {
     ];
 
     /// Checks reported only when their subject exists (a ramdisk).
-    pub const OPTIONAL: [Check; 1] = [Check::Ramdisk];
+    pub const OPTIONAL: [Check; 2] = [Check::Ramdisk, Check::Hostile];
 
     /// The check for a report's `rdi`.
     pub fn from_id(id: u64) -> Option<Check> {
@@ -110,6 +113,7 @@ impl Check {
             Check::NpfWrite => "npf-write",
             Check::MemoryWrite => "memory-write",
             Check::Ramdisk => "ramdisk",
+            Check::Hostile => "hostile-hypercalls",
         }
     }
 }

@@ -438,7 +438,7 @@ impl DomainCore {
         for &b in bytes {
             if b == b'\n' || self.console.len() >= 512 {
                 self.flush_console();
-            } else if b != b'\r' {
+            } else if b != b'\r' && b != 0 {
                 self.console.push(b);
             }
         }

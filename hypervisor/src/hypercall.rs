@@ -13,9 +13,13 @@ use crate::xen::{param, RunState, VcpuInfoLoc};
 /// Length of VMMCALL/VMCALL, used when the hardware gives no next RIP.
 const HYPERCALL_INSN_LEN: u64 = 3;
 
-/// The largest console write handled in one call (Xen preempts long writes; we take
-/// them whole up to this size and refuse bigger ones).
+/// The most console bytes written in one go; longer writes continue (the hypercall is
+/// restarted with the remaining count), as Xen preempts them.
 pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
+
+/// Internal marker: the hypercall was preempted and will be re-executed. Never
+/// returned to a guest (rax is left alone).
+const CONTINUATION: u64 = u64::MAX - 0xfff;
 
 /// Handles a VMMCALL/VMCALL exit.
 pub fn handle(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu) -> Flow {
@@ -56,6 +60,9 @@ pub fn handle(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu) -> Flow {
         }
     };
     match result {
+        // A long operation did part of its work and rewrote its arguments: the guest
+        // re-executes the hypercall (Xen's HVM hypercall continuation).
+        Ok(CONTINUATION) => Flow::Continue,
         Ok(v) => {
             let v = if cpu.code_segment().0 == CodeMode::Bits64 {
                 v
@@ -122,16 +129,24 @@ fn xen_version(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
     }
 }
 
-fn console_io(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+fn console_io(d: &mut DomainCore, cpu: &mut dyn GuestCpu, args: [u64; 5]) -> u64 {
     let (cmd, count, buf) = (args[0], args[1] & 0xffff_ffff, args[2]);
     match cmd {
         hc::CONSOLEIO_WRITE => {
-            if count > CONSOLE_WRITE_MAX {
-                return ret(errno::EINVAL);
-            }
             let mut chunk = [0u8; 256];
             let mut done = 0;
             while done < count {
+                if done == CONSOLE_WRITE_MAX {
+                    // continue with the rest: advance the buffer, shrink the count
+                    let (rc, rb) = if cpu.code_segment().0 == CodeMode::Bits64 {
+                        (reg::RSI, reg::RDX)
+                    } else {
+                        (reg::RCX, reg::RDX)
+                    };
+                    cpu.set_reg(rc, count - done);
+                    cpu.set_reg(rb, buf.wrapping_add(done));
+                    return CONTINUATION;
+                }
                 let n = (count - done).min(chunk.len() as u64) as usize;
                 if copy_from_guest(d, cpu, buf.wrapping_add(done), &mut chunk[..n]).is_err() {
                     return ret(errno::EFAULT);

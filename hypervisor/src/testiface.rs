@@ -11,6 +11,9 @@ use crate::arch::x86::msr;
 use crate::domain::DomainCore;
 use crate::vcpu::GuestCpu;
 
+/// The fewest hostile hypercalls a `test=hostile` guest must have made.
+pub const HOSTILE_MIN_CASES: u64 = 10;
+
 /// Handles a report: `args[0]` = check id, `args[1]`, `args[2]` = observed values.
 /// Returns 0 for PASS, 1 for FAIL, `-EINVAL` for an unknown check.
 pub fn report(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
@@ -104,6 +107,10 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
             ),
         ),
         Check::MemoryWrite => memory_write(d, v, v2),
+        Check::Hostile => (
+            v == 0 && v2 >= HOSTILE_MIN_CASES,
+            format!("{v} of {v2} hostile hypercalls got something other than Xen's error code"),
+        ),
         Check::Ramdisk => match d.ramdisk {
             Some((gpa, len, sum)) => (
                 v == sum && v2 == len,

@@ -497,6 +497,29 @@ pub fn catalogue() -> Vec<Scenario> {
             full_only: false,
         },
         Scenario {
+            name: "hostile",
+            about: "a guest passing garbage to hypercalls (bad pointers, sub-ops, lengths, \
+                    vCPUs) gets Xen's error codes; it and a second domain run on",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("hostile", "test=hostile"),
+                Domain::test_guest("testguest", "test=exits"),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: {
+                    let mut l = vec![Line::from("d1 check hostile-hypercalls: PASS")];
+                    l.push("d1 (hostile) shut down: poweroff".into());
+                    l.push("all domains finished: 2 ok, 0 failed".into());
+                    l
+                },
+                forbidden: strings(&["FAIL", "WRONG", "PANIC", "EXCEPTION", "FATAL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+        },
+        Scenario {
             name: "preemption",
             about: "a guest that computes without exits is preempted: a second domain \
                     completes all its checks meanwhile",

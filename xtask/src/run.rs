@@ -16,6 +16,7 @@ use ferrovisor_tests::{
 };
 
 use crate::bundle::BundledDomain;
+use crate::guest::LinuxGuest;
 use crate::image::{self, Profile};
 use crate::kernels::Guests;
 use crate::transcript::{Event, Source, Transcript};
@@ -150,8 +151,83 @@ fn bare_cmdline(with_cmd: bool, append: &str) -> String {
     s
 }
 
+/// One boot of the Linux guest, with or without the hypervisor: what `run` (Linux) and
+/// `bench` have in common.
+#[derive(Clone, Debug)]
+pub struct LinuxBoot<'a> {
+    /// The kernel (and the release it names).
+    pub guest: &'a LinuxGuest,
+    /// The ramdisk: the initramfs, with the command archive appended in command mode.
+    pub ramdisk: &'a Path,
+    /// Whether `/init` runs `/ferro/cmd` (command mode) instead of a shell.
+    pub with_cmd: bool,
+    /// The user's additions to the kernel command line.
+    pub append: &'a str,
+    /// Guest memory in MiB (the domain's, or bare QEMU's `-m`).
+    pub memory_mib: u64,
+    /// Guest vCPUs (the domain's, or bare QEMU's `-smp`).
+    pub vcpus: u32,
+    /// Where the serial port goes.
+    pub serial: qemu::Serial,
+    /// Extra QEMU arguments.
+    pub extra: &'a [String],
+}
+
+impl LinuxBoot<'_> {
+    /// The kernel command line on bare QEMU.
+    pub fn bare_cmdline(&self) -> String {
+        bare_cmdline(self.with_cmd, self.append)
+    }
+
+    /// QEMU booting the kernel directly, without the hypervisor (`run --bare`).
+    pub fn bare_command(&self) -> Command {
+        let cmdline = self.bare_cmdline();
+        qemu::bare_linux_command(&qemu::BareLinux {
+            kernel: &self.guest.vmlinuz,
+            initrd: self.ramdisk,
+            cmdline: &cmdline,
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            serial: self.serial.clone(),
+            extra: self.extra,
+        })
+    }
+
+    /// The guest as the hypervisor's domain 1 (for the boot bundle).
+    pub fn domain(&self) -> BundledDomain {
+        BundledDomain {
+            name: "linux".into(),
+            kernel: self.guest.vmlinuz.clone(),
+            ramdisk: Some(self.ramdisk.to_path_buf()),
+            cmdline: linux_cmdline(self.with_cmd, self.append),
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            test_interface: false,
+        }
+    }
+
+    /// QEMU booting the hypervisor `image` with `bundle` (written from [`Self::domain`]).
+    pub fn hypervisor_command(
+        &self,
+        image: &Path,
+        bundle: &Path,
+        hv_cmdline: &str,
+        cpu: &str,
+    ) -> Command {
+        qemu::command(&qemu::Boot {
+            image,
+            bundle,
+            cmdline: hv_cmdline,
+            cpu,
+            domain_memory_mib: self.memory_mib,
+            serial: self.serial.clone(),
+            extra: self.extra,
+        })
+    }
+}
+
 /// The QEMU `-cpu` value for a `--cpu` backend name.
-fn qemu_cpu(backend: &str) -> Result<&'static str> {
+pub fn qemu_cpu(backend: &str) -> Result<&'static str> {
     match backend {
         "svm" => Ok("max"),
         "vmx" => bail!("--cpu vmx: the VMX backend under Bochs is not built yet"),
@@ -246,7 +322,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let r = std::fs::canonicalize(r).with_context(|| format!("--ramdisk {}", r.display()))?;
         domains[0].ramdisk = Some(r);
     }
-    let bundle_path = write_bundle(&work, &domains[0])?;
+    let bundle_path = work.join("run.cpio");
+    write_bundle(&bundle_path, &domains[0])?;
     let cmd = qemu::command(&qemu::Boot {
         image: &image,
         bundle: &bundle_path,
@@ -259,10 +336,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     interactive(cmd, args.dry_run, false)
 }
 
-/// Writes `target/xtask/run.cpio` for one domain and says what is in it.
-fn write_bundle(work: &Path, domain: &BundledDomain) -> Result<PathBuf> {
-    let bundle_path = work.join("run.cpio");
-    bundle::write(&bundle_path, std::slice::from_ref(domain))?;
+/// Writes the boot bundle `bundle_path` for one domain and says what is in it.
+pub fn write_bundle(bundle_path: &Path, domain: &BundledDomain) -> Result<()> {
+    bundle::write(bundle_path, std::slice::from_ref(domain))?;
     say!(
         "boot bundle: {} (domain '{}', {} MiB, {} vCPU, cmdline {})",
         bundle_path.display(),
@@ -271,7 +347,7 @@ fn write_bundle(work: &Path, domain: &BundledDomain) -> Result<PathBuf> {
         domain.vcpus,
         bundle::quote(&domain.cmdline)
     );
-    Ok(bundle_path)
+    Ok(())
 }
 
 /// Boots the Linux guest, under the hypervisor or (`--bare`) directly in QEMU, with its
@@ -298,54 +374,37 @@ fn run_linux(
         }
         None => base,
     };
-    let memory_mib = args.memory.unwrap_or(LINUX_MEMORY_MIB);
-    let append = args.append.as_deref().unwrap_or("");
     let serial = if command.is_some() {
         qemu::Serial::Pipe
     } else {
         qemu::Serial::Interactive
     };
+    let boot = LinuxBoot {
+        guest: &g,
+        ramdisk: &ramdisk,
+        with_cmd: command.is_some(),
+        append: args.append.as_deref().unwrap_or(""),
+        memory_mib: args.memory.unwrap_or(LINUX_MEMORY_MIB),
+        vcpus: args.vcpus,
+        serial,
+        extra: &args.qemu_args,
+    };
 
     let (qemu_cmd, source) = if args.bare {
-        let cmdline = bare_cmdline(command.is_some(), append);
         say!(
-            "Linux guest {} on bare QEMU, without the hypervisor ({memory_mib} MiB, {} vCPU, \
+            "Linux guest {} on bare QEMU, without the hypervisor ({} MiB, {} vCPU, \
              cmdline {})",
             g.release,
-            args.vcpus,
-            bundle::quote(&cmdline)
+            boot.memory_mib,
+            boot.vcpus,
+            bundle::quote(&boot.bare_cmdline())
         );
-        let cmd = qemu::bare_linux_command(&qemu::BareLinux {
-            kernel: &g.vmlinuz,
-            initrd: &ramdisk,
-            cmdline: &cmdline,
-            memory_mib,
-            vcpus: args.vcpus,
-            serial,
-            extra: &args.qemu_args,
-        });
-        (cmd, Source::Bare)
+        (boot.bare_command(), Source::Bare)
     } else {
         let image = image::build_hypervisor(profile)?;
-        let domain = BundledDomain {
-            name: "linux".into(),
-            kernel: g.vmlinuz.clone(),
-            ramdisk: Some(ramdisk),
-            cmdline: linux_cmdline(command.is_some(), append),
-            memory_mib,
-            vcpus: args.vcpus,
-            test_interface: false,
-        };
-        let bundle_path = write_bundle(work, &domain)?;
-        let cmd = qemu::command(&qemu::Boot {
-            image: &image,
-            bundle: &bundle_path,
-            cmdline: &args.cmdline,
-            cpu,
-            domain_memory_mib: memory_mib,
-            serial,
-            extra: &args.qemu_args,
-        });
+        let bundle_path = work.join("run.cpio");
+        write_bundle(&bundle_path, &boot.domain())?;
+        let cmd = boot.hypervisor_command(&image, &bundle_path, &args.cmdline, cpu);
         (cmd, Source::Hypervisor { domid: 1 })
     };
     match command {
@@ -387,22 +446,94 @@ fn interactive(mut cmd: Command, dry_run: bool, bare: bool) -> Result<ExitCode> 
     Ok(ExitCode::from(exit_code(status)))
 }
 
-/// Boots QEMU (`-serial stdio`) with a guest that runs a command: prints the command's
-/// output as it comes, and returns its status from the `FERRO-EXIT` line.
-fn run_command(
+/// What one boot of a guest in command mode produced ([`boot_command`]).
+#[derive(Clone, Debug)]
+pub struct CommandBoot {
+    /// Where the serial output came from.
+    pub source: Source,
+    /// From QEMU's start to the `ferro-init: up` line.
+    pub up_at: Option<Duration>,
+    /// The command's status and the time from QEMU's start to its `FERRO-EXIT` line.
+    pub exit: Option<(i32, Duration)>,
+    /// Whether the command started (`ferro-init: running command` was seen).
+    pub started: bool,
+    /// QEMU's exit status (`None`: ended by a signal).
+    pub qemu_status: Option<i32>,
+    /// Why xtask killed QEMU, when it did.
+    pub killed: Option<String>,
+    /// The last serial lines (at most [`TAIL_LINES`]).
+    pub tail: Vec<String>,
+    /// What QEMU wrote to its stderr.
+    pub qemu_said: String,
+    /// The serial log.
+    pub log: PathBuf,
+}
+
+impl CommandBoot {
+    /// Whether QEMU ended as a clean run ends: on its own, with status 0 on bare QEMU or
+    /// the hypervisor's "all fine" verdict.
+    pub fn clean(&self) -> bool {
+        self.killed.is_none()
+            && match self.source {
+                Source::Bare => self.qemu_status == Some(0),
+                Source::Hypervisor { .. } => self.qemu_status == Some(STATUS_OK),
+            }
+    }
+
+    /// How QEMU ended, in words.
+    pub fn qemu_end(&self) -> String {
+        match (&self.killed, self.qemu_status) {
+            (Some(why), _) => format!("{why}: QEMU killed"),
+            (None, Some(s)) if self.source != Source::Bare => {
+                format!("QEMU exited with status {s}: {}", status_meaning(s))
+            }
+            (None, Some(s)) => format!("QEMU exited with status {s}"),
+            (None, None) => "QEMU was killed by a signal".to_string(),
+        }
+    }
+
+    /// How far the guest got, for a boot without `FERRO-EXIT`.
+    pub fn phase(&self) -> &'static str {
+        if self.started {
+            "while the command ran"
+        } else if self.up_at.is_some() {
+            "after ferro-init came up, before the command started"
+        } else {
+            "before ferro-init came up"
+        }
+    }
+
+    /// Prints (to stderr) the last serial lines and what QEMU said.
+    pub fn show_tail(&self) {
+        eprintln!("last {} serial lines:", self.tail.len());
+        for l in &self.tail {
+            eprintln!("  | {l}");
+        }
+        if !self.qemu_said.trim().is_empty() {
+            eprintln!("QEMU said: {}", self.qemu_said.trim());
+        }
+    }
+}
+
+/// Boots QEMU (`-serial stdio`) with a guest in command mode and follows its serial
+/// output (saved to `log`; QEMU's stderr beside it as `.qemu.txt`) until QEMU ends. With
+/// `echo`, the command's output goes to stdout as it comes and the hypervisor's lines
+/// meanwhile to stderr. QEMU is killed [`AFTER_EXIT_GRACE`] after `FERRO-EXIT`, or at
+/// `timeout` when the command has not finished by then. Prints nothing else.
+pub fn boot_command(
     mut qemu_cmd: Command,
     source: Source,
-    work: &Path,
+    log: &Path,
     timeout: Option<Duration>,
-) -> Result<ExitCode> {
-    std::fs::create_dir_all(work)?;
-    let log = work.join("run.log");
+    echo: bool,
+) -> Result<CommandBoot> {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let qemu_out = log.with_extension("qemu.txt");
-    say!("$ {}", sys::shell_line(&qemu_cmd));
-    say!("(serial log: {})", log.display());
     let qemu_err =
         File::create(&qemu_out).with_context(|| format!("creating {}", qemu_out.display()))?;
-    let mut log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
 
     let start = Instant::now();
     let mut child = qemu_cmd
@@ -453,12 +584,13 @@ fn run_command(
                             up_at.get_or_insert(at - start);
                         }
                         Event::Running => {}
-                        Event::Output(text) => {
+                        Event::Output(text) if echo => {
                             let mut out = std::io::stdout().lock();
                             let _ = writeln!(out, "{text}");
                             let _ = out.flush();
                         }
-                        Event::Diagnostic(text) => eprintln!("{text}"),
+                        Event::Diagnostic(text) if echo => eprintln!("{text}"),
+                        Event::Output(_) | Event::Diagnostic(_) => {}
                         Event::Exit(status) => exit = Some((status, at - start)),
                     }
                 }
@@ -484,62 +616,61 @@ fn run_command(
             }
         }
     }
-    let status = child.wait()?.code();
+    let qemu_status = child.wait()?.code();
     let _ = reader.join();
 
-    let qemu_said = std::fs::read_to_string(&qemu_out).unwrap_or_default();
-    let qemu_status = match (&killed, status) {
-        (Some(why), _) => format!("{why}: QEMU killed"),
-        (None, Some(s)) if source != Source::Bare => {
-            format!("QEMU exited with status {s}: {}", status_meaning(s))
-        }
-        (None, Some(s)) => format!("QEMU exited with status {s}"),
-        (None, None) => "QEMU was killed by a signal".to_string(),
-    };
-    match exit {
+    Ok(CommandBoot {
+        source,
+        up_at,
+        exit,
+        started: transcript.started(),
+        qemu_status,
+        killed,
+        tail: tail.into(),
+        qemu_said: std::fs::read_to_string(&qemu_out).unwrap_or_default(),
+        log: log.to_path_buf(),
+    })
+}
+
+/// `run -- CMD`: boots QEMU with a guest that runs a command, prints the command's output
+/// as it comes, and returns its status from the `FERRO-EXIT` line.
+fn run_command(
+    qemu_cmd: Command,
+    source: Source,
+    work: &Path,
+    timeout: Option<Duration>,
+) -> Result<ExitCode> {
+    let log = work.join("run.log");
+    say!("$ {}", sys::shell_line(&qemu_cmd));
+    say!("(serial log: {})", log.display());
+    let b = boot_command(qemu_cmd, source, &log, timeout, true)?;
+    match b.exit {
         Some((code, at)) => {
             say!(
                 "guest command finished in {:.1} s (QEMU start to FERRO-EXIT)",
                 at.as_secs_f64()
             );
-            if let Some(up) = up_at {
+            if let Some(up) = b.up_at {
                 say!(
                     "(ferro-init: up {:.1} s after QEMU start)",
                     up.as_secs_f64()
                 );
             }
-            let clean = killed.is_none()
-                && match source {
-                    Source::Bare => status == Some(0),
-                    Source::Hypervisor { .. } => status == Some(STATUS_OK),
-                };
-            if !clean {
-                say!("warning: after the command, {qemu_status}");
-                if !qemu_said.trim().is_empty() {
-                    say!("QEMU said: {}", qemu_said.trim());
+            if !b.clean() {
+                say!("warning: after the command, {}", b.qemu_end());
+                if !b.qemu_said.trim().is_empty() {
+                    say!("QEMU said: {}", b.qemu_said.trim());
                 }
             }
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
         None => {
-            eprintln!("last {} serial lines:", tail.len());
-            for l in &tail {
-                eprintln!("  | {l}");
-            }
-            if !qemu_said.trim().is_empty() {
-                eprintln!("QEMU said: {}", qemu_said.trim());
-            }
-            let phase = if transcript.started() {
-                "while the command ran"
-            } else if up_at.is_some() {
-                "after ferro-init came up, before the command started"
-            } else {
-                "before ferro-init came up"
-            };
+            b.show_tail();
             eprintln!(
-                "error: the guest ended without reporting FERRO-EXIT ({phase}; {qemu_status}); \
-                 serial log: {}",
-                log.display()
+                "error: the guest ended without reporting FERRO-EXIT ({}; {}); serial log: {}",
+                b.phase(),
+                b.qemu_end(),
+                b.log.display()
             );
             Ok(ExitCode::from(NO_EXIT_MARKER))
         }

@@ -31,6 +31,9 @@ const CMDLINE_MAX: u64 = 4096;
 /// IA32_SYSENTER_ESP
 const MSR_SYSENTER_ESP: u32 = 0x175;
 
+/// End of the first RAM range in the memory map (0 when unknown).
+static RAM_END: AtomicU64 = AtomicU64::new(0);
+
 /// Physical address and length of the ramdisk (module 0), 0 when there is none.
 static RAMDISK: (AtomicU64, AtomicU64) = (AtomicU64::new(0), AtomicU64::new(0));
 
@@ -53,6 +56,19 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
     match read_start_info(start_info_paddr) {
         Some(info) => {
             CMDLINE_PADDR.store(info.cmdline_paddr, Ordering::SeqCst);
+            if info.memmap_entries > 0
+                && info.memmap_paddr != 0
+                && info.memmap_paddr < MAPPED_LIMIT - 24
+            {
+                // SAFETY: the first memory-map entry lies in the identity map; plain
+                // integers read unaligned.
+                let e = unsafe {
+                    core::ptr::read_unaligned(
+                        info.memmap_paddr as *const abi::start_info::HvmMemmapEntry,
+                    )
+                };
+                RAM_END.store(e.addr.saturating_add(e.size), Ordering::SeqCst);
+            }
             if info.nr_modules > 0 {
                 if let Some(m) = read_module0(info.modlist_paddr) {
                     RAMDISK.0.store(m.paddr, Ordering::SeqCst);
@@ -66,6 +82,7 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
         b"exits" => run_exits(),
         b"triple-fault" => run_triple_fault(),
         b"spin" => run_spin(),
+        b"hostile" => run_hostile(),
         other => {
             console_write("testguest: unknown test '");
             console_write_bytes(other);
@@ -165,6 +182,135 @@ fn run_exits() -> ! {
 }
 
 /// `test=triple-fault`.
+/// The `test=hostile` guest: hypercalls with bad pointers, sub-ops, lengths, ports and
+/// vCPUs; each must fail with the error code Xen gives. Prints one line per case and
+/// reports the number of mismatches.
+fn run_hostile() -> ! {
+    const EFAULT: i64 = -14;
+    const EINVAL: i64 = -22;
+    const ENOENT: i64 = -2;
+    const ENOSYS: i64 = -38;
+    // A page this guest maps that the hypervisor never backed (4 GiB up is unmapped in
+    // the guest's own tables; 0xd0000000 is mapped but not RAM).
+    const NON_CANONICAL: u64 = 0xdead_0000_0000_0000;
+    const UNMAPPED: u64 = 5 << 30;
+    const NOT_RAM: u64 = ferro::UNBACKED_GPA;
+    // 96 KiB below the end of RAM: zeroes, then the reserved pages, then nothing; a
+    // 4 GiB write there runs through one continuation before it faults.
+    let near_end = RAM_END.load(Ordering::SeqCst).saturating_sub(96 * 1024);
+    let cases: [(&str, u64, u64, u64, u64, i64); 14] = [
+        (
+            "console_io write, non-canonical buffer",
+            hc::CONSOLE_IO,
+            hc::CONSOLEIO_WRITE,
+            16,
+            NON_CANONICAL,
+            EFAULT,
+        ),
+        (
+            "console_io write, unmapped buffer",
+            hc::CONSOLE_IO,
+            hc::CONSOLEIO_WRITE,
+            16,
+            UNMAPPED,
+            EFAULT,
+        ),
+        (
+            "console_io write, buffer not in RAM",
+            hc::CONSOLE_IO,
+            hc::CONSOLEIO_WRITE,
+            16,
+            NOT_RAM,
+            EFAULT,
+        ),
+        (
+            "console_io write, 4 GiB length",
+            hc::CONSOLE_IO,
+            hc::CONSOLEIO_WRITE,
+            0xffff_ffff,
+            near_end,
+            EFAULT,
+        ),
+        (
+            "console_io bad sub-op",
+            hc::CONSOLE_IO,
+            77,
+            1,
+            0x10_0000,
+            EINVAL,
+        ),
+        ("xen_version bad sub-op", hc::XEN_VERSION, 99, 0, 0, ENOSYS),
+        (
+            "xen_version get_features, bad pointer",
+            hc::XEN_VERSION,
+            hc::XENVER_GET_FEATURES,
+            UNMAPPED,
+            0,
+            EFAULT,
+        ),
+        ("sched_op bad sub-op", hc::SCHED_OP, 99, 0, 0, ENOSYS),
+        (
+            "sched_op shutdown, bad pointer",
+            hc::SCHED_OP,
+            hc::SCHEDOP_SHUTDOWN,
+            NON_CANONICAL,
+            0,
+            EFAULT,
+        ),
+        (
+            "vcpu_op on vCPU 99",
+            hc::VCPU_OP,
+            hc::VCPUOP_IS_UP,
+            99,
+            0,
+            ENOENT,
+        ),
+        (
+            "hvm_op get_param, bad pointer",
+            hc::HVM_OP,
+            hc::HVMOP_GET_PARAM,
+            UNMAPPED,
+            0,
+            EFAULT,
+        ),
+        (
+            "memory_op memory_map, bad pointer",
+            hc::MEMORY_OP,
+            hc::XENMEM_MEMORY_MAP,
+            NOT_RAM,
+            0,
+            EFAULT,
+        ),
+        ("hypercall 63 (none)", 63, 0, 0, 0, ENOSYS),
+        (
+            "hypercall 100000 (beyond the table)",
+            100_000,
+            0,
+            0,
+            0,
+            ENOSYS,
+        ),
+    ];
+    let mut bad = 0u64;
+    for (name, nr, a1, a2, a3, want) in cases {
+        // SAFETY: every pointer argument is deliberately invalid; the hypervisor must
+        // reject it without touching this guest's memory. No valid memory is named.
+        let got = unsafe { arch::hypercall(nr, a1, a2, a3) };
+        let mut line = StackBuf::<128>::new();
+        let verdict = if got == want { "ok" } else { "WRONG" };
+        let _ = writeln!(
+            line,
+            "testguest: hostile: {name}: {got} (Xen: {want}) {verdict}"
+        );
+        console_write_bytes(line.as_bytes());
+        if got != want {
+            bad += 1;
+        }
+    }
+    report(Check::Hostile, bad, cases.len() as u64);
+    shutdown(hc::SHUTDOWN_POWEROFF)
+}
+
 /// The `test=spin` guest: computes without a single exit for about 2e9 TSC cycles
 /// (about a second here), then powers off. Another domain that finishes first proves
 /// the hypervisor preempts a guest that never gives the CPU back.
