@@ -83,6 +83,7 @@ impl log::Log for Logger {
     }
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {
+            hypervisor::console::close_open_line();
             let t = crate::time::uptime_ms();
             write_fmt(format_args!(
                 "(HV) [{:4}.{:03}] {:5} {}\n",

@@ -72,8 +72,6 @@ pub struct DomainCore {
     pub counters: Counters,
     /// The ramdisk as loaded: (guest-physical address, length, FNV-1a of its bytes).
     pub ramdisk: Option<(u64, u64, u64)>,
-    /// Partial console line (flushed at newline).
-    console: Vec<u8>,
     /// Guest-physical address of the console ring (`struct xencons_interface`).
     pub console_ring: u64,
     /// The guest's E820 memory map: (address, size, type).
@@ -399,7 +397,6 @@ impl Domain {
                 evtchn,
                 counters: Counters::default(),
                 ramdisk,
-                console: Vec::new(),
                 tlb_flush_needed: false,
                 console_ring: console_gpa,
                 e820: memmap.iter().map(|e| (e.addr, e.size, e.type_)).collect(),
@@ -433,39 +430,14 @@ fn struct_bytes_start_info(i: &HvmStartInfo) -> [u8; 56] {
 }
 
 impl DomainCore {
-    /// Appends guest console output, printing whole lines with the domain prefix.
+    /// Prints guest console output with the domain prefix.
     pub fn console_write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            if b == b'\n' || self.console.len() >= 512 {
-                self.flush_console();
-            } else if b != b'\r' && b != 0 {
-                self.console.push(b);
-            }
-        }
+        crate::console::guest_output(self.id, bytes);
     }
 
-    /// Prints a pending partial console line.
-    pub fn flush_console(&mut self) {
-        let line: String = self
-            .console
-            .iter()
-            .map(|&c| {
-                if (0x20..0x7f).contains(&c) || c == b'\t' {
-                    c as char
-                } else {
-                    '.'
-                }
-            })
-            .collect();
-        crate::console::guest_line(self.id, &line);
-        self.console.clear();
-    }
-
-    /// Prints a pending partial console line, so verdicts do not interleave with it.
+    /// Ends this domain's console line if it is left open (before verdict lines).
     pub fn flush_console_if_pending(&mut self) {
-        if !self.console.is_empty() {
-            self.flush_console();
-        }
+        crate::console::close_open_line();
     }
 
     /// True the first time `(kind, key)` is seen: for log-once messages.

@@ -6,9 +6,12 @@
 //!   terminal; with `-- CMD`, run CMD in the Linux guest and exit with its status.
 //! - `cargo xtask guest [--force]`: download Debian's kernel and busybox, build the Linux
 //!   guest's initramfs (cached in `target/guest/<release>/`).
+//! - `cargo xtask bench [--runs N] [--vcpus N]`: the Linux guest's boot time under the
+//!   hypervisor against bare QEMU (`target/xtask/bench-boot.json`).
 //! - `cargo xtask test [--full] [--scenario NAME]... [--keep-going]`: fmt, clippy, unit
 //!   tests, build and the QEMU scenarios.
 
+mod bench;
 mod bundle;
 mod cpio;
 mod guest;
@@ -47,6 +50,9 @@ enum Cmd {
     Guest(guest::GuestArgs),
     /// Everything CI runs: fmt, clippy, unit tests, build, QEMU scenarios.
     Test(pipeline::TestArgs),
+    /// Boot-time benchmark: the Linux guest under the hypervisor against bare QEMU (TCG
+    /// timings are noisy: only ratios within one run are meaningful).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +67,7 @@ fn main() -> ExitCode {
         Cmd::Run(args) => run::run(args),
         Cmd::Guest(args) => guest::guest(args).map(|()| ExitCode::SUCCESS),
         Cmd::Test(args) => pipeline::test(args),
+        Cmd::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(code) => code,

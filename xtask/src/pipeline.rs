@@ -17,7 +17,7 @@ use crate::{bundle, kernels, qemu, sys};
 /// Options of `cargo xtask test`.
 #[derive(Args, Debug)]
 pub struct TestArgs {
-    /// Also run the long scenarios (those marked full-only, such as linux-boot).
+    /// Also run the scenarios marked full-only (none today: the same set as without it).
     #[arg(long)]
     pub full: bool,
     /// Run only this scenario (repeat for more); default: every scenario of the set.
