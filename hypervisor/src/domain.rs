@@ -465,8 +465,23 @@ impl DomainCore {
                 user: true,
             },
         )?;
-        if !self.mem.overlay(gfn, hpa) {
-            return Err(crate::paging::MapError::NotMapped);
+        let rwx = Perms {
+            read: true,
+            write: true,
+            exec: true,
+            user: true,
+        };
+        match self.mem.overlay(gfn, hpa) {
+            None => return Err(crate::paging::MapError::NotMapped),
+            Some(Some(old)) => {
+                // the frame moved: its old place shows what is underneath again
+                self.npt.unmap(&mut pm, old << 12, PageSize::Size4K)?;
+                if let Some(ram) = self.mem.ram_frame(old) {
+                    self.npt
+                        .map(&mut pm, old << 12, ram, PageSize::Size4K, rwx)?;
+                }
+            }
+            Some(None) => {}
         }
         self.tlb_flush_needed = true;
         Ok(())
@@ -511,6 +526,11 @@ impl DomainCore {
         use crate::xen::RunState;
         if let Some(v) = r.upcall {
             if let Some(s) = self.xen.vcpus.get_mut(v as usize) {
+                // HVMOP_set_evtchn_upcall_vector: an edge into the local APIC (the
+                // guest acknowledges it with an EOI), as Xen's vlapic_set_irq.
+                if let Some(vector) = s.upcall_vector {
+                    s.apic.raise(vector);
+                }
                 if s.state == RunState::Blocked {
                     s.state = RunState::Runnable;
                 }

@@ -294,6 +294,30 @@ fn memory_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
                     }
                 }
                 hc::XENMAPSPACE_SHARED_INFO => ret(errno::EINVAL),
+                hc::XENMAPSPACE_GRANT_TABLE => {
+                    // Bit 31 of idx asks for a v2 status frame: those come with grant
+                    // table v2.
+                    if idx & (1 << 31) != 0 || idx >= crate::xen::MAX_GRANT_FRAMES {
+                        return ret(errno::EINVAL);
+                    }
+                    while d.xen.grant_frames.len() as u64 <= idx {
+                        match d.mem.add_special_frame() {
+                            Some(f) => d.xen.grant_frames.push(f),
+                            None => return ret(errno::ENOMEM),
+                        }
+                    }
+                    let hpa = d.xen.grant_frames[idx as usize];
+                    match d.map_special(gpfn, hpa) {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            log::warn!(
+                                "d{}: add_to_physmap(grant frame {idx}, gfn {gpfn:#x}) failed: {e}",
+                                d.id
+                            );
+                            ret(errno::ENOMEM)
+                        }
+                    }
+                }
                 other => {
                     if d.first_time(LOG_HYPERCALL, 0x3_0000 | u64::from(other)) {
                         log::info!("d{}: add_to_physmap space {other} is not implemented: -ENOSYS (logged once)", d.id);
@@ -339,6 +363,7 @@ fn memory_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
 
 fn hvm_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
     match args[0] {
+        hc::HVMOP_SET_EVTCHN_UPCALL_VECTOR => set_upcall_vector(d, cpu, args),
         hc::HVMOP_SET_PARAM | hc::HVMOP_GET_PARAM => {
             let mut a = [0u8; 16];
             if copy_from_guest(d, cpu, args[1], &mut a).is_err() {
@@ -381,6 +406,24 @@ fn hvm_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
             }
             ret(errno::ENOSYS)
         }
+    }
+}
+
+fn set_upcall_vector(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+    let mut a = [0u8; 8];
+    if copy_from_guest(d, cpu, args[1], &mut a).is_err() {
+        return ret(errno::EFAULT);
+    }
+    let (vcpu, vector) = (le_u32(&a, 0), a[4]);
+    if vector < 0x10 {
+        return ret(errno::EINVAL);
+    }
+    match d.xen.vcpus.get_mut(vcpu as usize) {
+        Some(s) => {
+            s.upcall_vector = Some(vector);
+            0
+        }
+        None => ret(errno::ENOENT),
     }
 }
 

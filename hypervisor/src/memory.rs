@@ -202,14 +202,28 @@ impl GuestMemory {
 
     /// Makes guest frame `gfn` translate to the domain's special frame `hpa` (the RAM
     /// frame underneath, if any, is no longer reachable by the guest, as when Xen
-    /// replaces a page with `add_to_physmap`). Returns false if `hpa` is not owned.
-    pub fn overlay(&mut self, gfn: u64, hpa: u64) -> bool {
+    /// replaces a page with `add_to_physmap`). A frame lives at one place: the guest
+    /// frame it was at before (returned) gets back what was there (RAM, or nothing).
+    /// `None` if `hpa` is not owned.
+    pub fn overlay(&mut self, gfn: u64, hpa: u64) -> Option<Option<u64>> {
         if !self.special.contains(&hpa) {
-            return false;
+            return None;
         }
-        self.overlay.retain(|_, h| *h != hpa);
+        let old = self
+            .overlay
+            .iter()
+            .find(|(_, h)| **h == hpa)
+            .map(|(g, _)| *g);
+        if let Some(g) = old {
+            self.overlay.remove(&g);
+        }
         self.overlay.insert(gfn, hpa);
-        true
+        Some(old.filter(|&g| g != gfn))
+    }
+
+    /// The RAM frame behind guest frame `gfn`, ignoring overlays.
+    pub fn ram_frame(&self, gfn: u64) -> Option<u64> {
+        self.translate_ram(gfn << 12).map(|(h, _)| h)
     }
 
     /// Reads from one of the domain's special frames.

@@ -269,7 +269,13 @@ pub struct XenDomain {
     pub params: [u64; param::NR as usize],
     /// Generic vCPU state, by id.
     pub vcpus: Vec<VcpuState>,
+    /// Grant-table frames (host-physical) by index, allocated when the guest first
+    /// places them in its physmap.
+    pub grant_frames: Vec<u64>,
 }
+
+/// Most grant-table frames a domain may have (Xen's default `max_grant_frames`).
+pub const MAX_GRANT_FRAMES: u64 = 64;
 
 impl XenDomain {
     /// Sets up shared_info (wallclock and every legacy vcpu_info's pvclock valid from
@@ -280,6 +286,7 @@ impl XenDomain {
             shared_info,
             params: [0; param::NR as usize],
             vcpus: (0..nvcpus).map(VcpuState::new).collect(),
+            grant_frames: Vec::new(),
         };
         for v in 0..nvcpus.min(LEGACY_VCPUS) {
             x.write_time_info(mem, v);
@@ -353,8 +360,13 @@ impl XenDomain {
 
     /// The vector to inject for event-channel upcalls on vCPU `v`, if any is set up.
     pub fn callback_vector(&self, v: u32) -> Option<u8> {
-        if let Some(vec) = self.vcpus.get(v as usize).and_then(|s| s.upcall_vector) {
-            return Some(vec);
+        if self
+            .vcpus
+            .get(v as usize)
+            .and_then(|s| s.upcall_vector)
+            .is_some()
+        {
+            return None; // that vector goes through the vCPU's local APIC instead
         }
         let cb = self.params[param::CALLBACK_IRQ as usize];
         // HVM_PARAM_CALLBACK_IRQ type 2 = vector (bits 63:56), vector in the low byte.

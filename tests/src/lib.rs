@@ -115,6 +115,14 @@ pub enum KernelSource {
     },
     /// A file on the host.
     Path(PathBuf),
+    /// Debian's bzImage cut at `keep_percent` of its length (its payload runs past the
+    /// end of the file).
+    TruncatedLinux {
+        /// How much of the file to keep, in percent.
+        keep_percent: u8,
+    },
+    /// Debian's bzImage with 64 bytes in the middle of its compressed payload inverted.
+    CorruptLinux,
     /// The Linux guest prepared by `cargo xtask guest`: Debian's kernel as shipped (a
     /// bzImage), with the project's busybox initramfs as its ramdisk (plus `/ferro/cmd`
     /// when the domain has a [`Domain::linux_cmd`]).
@@ -281,9 +289,14 @@ pub struct Scenario {
 impl Scenario {
     /// Whether a domain runs the Linux guest (so `cargo xtask guest` must have run).
     pub fn needs_linux_guest(&self) -> bool {
-        self.domains
-            .iter()
-            .any(|d| d.kernel == KernelSource::LinuxGuest)
+        self.domains.iter().any(|d| {
+            matches!(
+                d.kernel,
+                KernelSource::LinuxGuest
+                    | KernelSource::TruncatedLinux { .. }
+                    | KernelSource::CorruptLinux
+            )
+        })
     }
 }
 
@@ -496,6 +509,20 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: 600,
             full_only: false,
         },
+        fatal(
+            "truncated-bzimage",
+            "Debian's bzImage cut in half is refused, naming the kernel file",
+            CPU,
+            Domain::with_kernel("linux", KernelSource::TruncatedLinux { keep_percent: 50 }),
+            "FATAL: kernel 'files/vmlinuz' of domain 'linux' is a bzImage whose payload",
+        ),
+        fatal(
+            "corrupt-bzimage",
+            "Debian's bzImage with a damaged xz payload is refused, naming the kernel file",
+            CPU,
+            Domain::with_kernel("linux", KernelSource::CorruptLinux),
+            "FATAL: kernel 'files/vmlinuz' of domain 'linux' is a bzImage whose xz payload is corrupt",
+        ),
         Scenario {
             name: "hostile",
             about: "a guest passing garbage to hypercalls (bad pointers, sub-ops, lengths, \

@@ -142,6 +142,33 @@ pub fn materialise(
     match source {
         KernelSource::TestGuest => Ok(testguest.to_path_buf()),
         KernelSource::LinuxGuest => Ok(guests.linux()?.vmlinuz.clone()),
+        KernelSource::TruncatedLinux { keep_percent } => {
+            ensure!(
+                *keep_percent < 100,
+                "a truncated kernel keeps less than 100%"
+            );
+            let path = &guests.linux()?.vmlinuz;
+            let full =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let keep = full.len() * usize::from(*keep_percent) / 100;
+            generated("vmlinuz", full[..keep].to_vec())
+        }
+        KernelSource::CorruptLinux => {
+            let path = &guests.linux()?.vmlinuz;
+            let mut full =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            // the middle of the file lies well inside the compressed payload
+            let mid = full.len() / 2;
+            ensure!(
+                full.len() > 1 << 20,
+                "{} is too small to be Debian's kernel",
+                path.display()
+            );
+            for b in &mut full[mid..mid + 64] {
+                *b = !*b;
+            }
+            generated("vmlinuz", full)
+        }
         KernelSource::Path(p) => {
             ensure!(p.is_file(), "kernel {} is not a file", p.display());
             Ok(p.clone())
