@@ -71,6 +71,10 @@ pub enum Check {
     /// Only from `test=hostile`: hypercalls with garbage arguments. value = how many
     /// returned something other than Xen's error code, value2 = how many were made.
     Hostile = 12,
+    /// `test=peer-a`: failed steps (value) of how many (value2).
+    PeerA = 13,
+    /// `test=peer-b`: failed steps (value) of how many (value2).
+    PeerB = 14,
 }
 
 impl Check {
@@ -89,7 +93,7 @@ impl Check {
     ];
 
     /// Checks reported only when their subject exists (a ramdisk).
-    pub const OPTIONAL: [Check; 2] = [Check::Ramdisk, Check::Hostile];
+    pub const OPTIONAL: [Check; 4] = [Check::Ramdisk, Check::Hostile, Check::PeerA, Check::PeerB];
 
     /// The check for a report's `rdi`.
     pub fn from_id(id: u64) -> Option<Check> {
@@ -114,6 +118,8 @@ impl Check {
             Check::MemoryWrite => "memory-write",
             Check::Ramdisk => "ramdisk",
             Check::Hostile => "hostile-hypercalls",
+            Check::PeerA => "peer-a",
+            Check::PeerB => "peer-b",
         }
     }
 }

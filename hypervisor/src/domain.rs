@@ -82,6 +82,34 @@ pub struct DomainCore {
     logged: BTreeSet<(u8, u64)>,
 }
 
+/// The other domains, while one domain's exit is handled (for interdomain event
+/// channels and grants).
+pub struct Others<'a> {
+    /// Domains before the current one.
+    pub before: &'a mut [Domain],
+    /// Domains after it.
+    pub after: &'a mut [Domain],
+}
+
+impl Others<'_> {
+    /// No other domains (tests, single-domain paths).
+    pub fn none() -> Others<'static> {
+        Others {
+            before: &mut [],
+            after: &mut [],
+        }
+    }
+
+    /// Domain `id`, if it is running.
+    pub fn get(&mut self, id: u16) -> Option<&mut DomainCore> {
+        self.before
+            .iter_mut()
+            .chain(self.after.iter_mut())
+            .map(|d| &mut d.core)
+            .find(|c| c.id == id)
+    }
+}
+
 /// A domain.
 pub struct Domain {
     /// Memory, tables, counters.
@@ -518,6 +546,17 @@ impl DomainCore {
         if let Some(r) = self.evtchn.hypervisor_notify(port, &mut m) {
             self.apply_raise(port, r);
         }
+    }
+
+    /// Marks local port `port` pending for an event sent by another domain, and wakes
+    /// its vCPU.
+    pub fn deliver_port(&mut self, port: u32) {
+        let mut m = crate::xen::GuestEventMemory {
+            xen: &self.xen,
+            mem: &mut self.mem,
+        };
+        let r = self.evtchn.set_pending(port, &mut m);
+        self.apply_raise(port, r);
     }
 
     /// Wakes whoever a newly pending event concerns: the vCPU that needs the upcall,

@@ -29,7 +29,13 @@ pub(crate) const LOG_HYPERCALL: u8 = 4;
 const VEC_GP: u8 = 13;
 
 /// Handles one exit of `cpu`, a vCPU of domain `d`.
-pub fn handle(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu, exit: Exit) -> Flow {
+pub fn handle(
+    d: &mut DomainCore,
+    others: &mut crate::domain::Others<'_>,
+    vcpu: u32,
+    cpu: &mut dyn GuestCpu,
+    exit: Exit,
+) -> Flow {
     let bucket = match exit {
         Exit::Hypercall => 0,
         Exit::Cpuid => 1,
@@ -43,7 +49,7 @@ pub fn handle(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu, exit: Exit)
     };
     d.counters.exits[bucket] += 1;
     match exit {
-        Exit::Hypercall => crate::hypercall::handle(d, vcpu, cpu),
+        Exit::Hypercall => crate::hypercall::handle(d, others, vcpu, cpu),
         Exit::Cpuid => {
             let leaf = cpu.reg(reg::RAX) as u32;
             let sub = cpu.reg(reg::RCX) as u32;

@@ -22,7 +22,12 @@ pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
 const CONTINUATION: u64 = u64::MAX - 0xfff;
 
 /// Handles a VMMCALL/VMCALL exit.
-pub fn handle(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu) -> Flow {
+pub fn handle(
+    d: &mut DomainCore,
+    others: &mut crate::domain::Others<'_>,
+    vcpu: u32,
+    cpu: &mut dyn GuestCpu,
+) -> Flow {
     let nr = cpu.reg(reg::RAX);
     // 64-bit guests pass arguments in rdi, rsi, rdx, r10, r8; 32-bit ones in
     // ebx, ecx, edx, esi, edi (Xen's HVM hypercall ABI).
@@ -44,7 +49,7 @@ pub fn handle(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu) -> Flow {
             hc::HVM_OP => Ok(hvm_op(d, cpu, args)),
             hc::VCPU_OP => Ok(vcpu_op(d, vcpu, cpu, args)),
             hc::SET_TIMER_OP => Ok(set_timer_op(d, vcpu, args)),
-            hc::EVENT_CHANNEL_OP => Ok(event_channel_op(d, vcpu, cpu, args)),
+            hc::EVENT_CHANNEL_OP => Ok(event_channel_op(d, others, vcpu, cpu, args)),
             abi::ferro::TEST_HYPERCALL if d.config.test_interface => {
                 Ok(crate::testiface::report(d, cpu, args))
             }
@@ -530,7 +535,13 @@ fn vcpu_op(d: &mut DomainCore, vcpu: u32, cpu: &dyn GuestCpu, args: [u64; 5]) ->
     }
 }
 
-fn event_channel_op(d: &mut DomainCore, vcpu: u32, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+fn event_channel_op(
+    d: &mut DomainCore,
+    others: &mut crate::domain::Others<'_>,
+    vcpu: u32,
+    cpu: &dyn GuestCpu,
+    args: [u64; 5],
+) -> u64 {
     use crate::evtchn::Delivery;
     use abi::event_channel as ec;
     let cmd = args[0] as u32;
@@ -611,20 +622,21 @@ fn event_channel_op(d: &mut DomainCore, vcpu: u32, cpu: &dyn GuestCpu, args: [u6
             } else {
                 b.remote_dom
             };
-            if remote != d.id {
-                if d.first_time(LOG_HYPERCALL, 0x7_1000) {
-                    log::info!(
-                        "d{}: event channels to other domains are not implemented yet: -ENOSYS",
-                        d.id
-                    );
-                }
-                return ret(errno::ENOSYS);
+            if remote != d.id && others.get(remote).is_none() {
+                return ret(errno::ESRCH);
             }
             let lp = match d.evtchn.bind_interdomain_local(remote, b.remote_port) {
                 Ok(p) => p,
                 Err(e) => return err(e),
             };
-            if let Err(e) = d.evtchn.connect_remote(b.remote_port, d.id, lp) {
+            let my_id = d.id;
+            let connected = if remote == my_id {
+                d.evtchn.connect_remote(b.remote_port, my_id, lp)
+            } else {
+                let r = others.get(remote).expect("checked above");
+                r.evtchn.connect_remote(b.remote_port, my_id, lp)
+            };
+            if let Err(e) = connected {
                 d.evtchn.abort_interdomain(lp);
                 return err(e);
             }
@@ -660,7 +672,16 @@ fn event_channel_op(d: &mut DomainCore, vcpu: u32, cpu: &dyn GuestCpu, args: [u6
                     d.apply_raise(remote_port, r);
                     0
                 }
-                Ok(Delivery::Interdomain { .. }) => ret(errno::ENOSYS),
+                Ok(Delivery::Interdomain {
+                    remote_dom,
+                    remote_port,
+                }) => {
+                    // the peer may have gone; Xen then finds the port closed
+                    if let Some(r) = others.get(remote_dom) {
+                        r.deliver_port(remote_port);
+                    }
+                    0
+                }
                 Ok(Delivery::ToHypervisor(p)) => {
                     let port = d.xen.params[param::CONSOLE_EVTCHN as usize] as u32;
                     if p == port && d.service_console() {
@@ -683,8 +704,13 @@ fn event_channel_op(d: &mut DomainCore, vcpu: u32, cpu: &dyn GuestCpu, args: [u6
                     port,
                     remote_dom,
                     remote_port,
-                }) if remote_dom == d.id => {
-                    d.evtchn.peer_closed(remote_port, d.id, port);
+                }) => {
+                    let my_id = d.id;
+                    if remote_dom == my_id {
+                        d.evtchn.peer_closed(remote_port, my_id, port);
+                    } else if let Some(r) = others.get(remote_dom) {
+                        r.evtchn.peer_closed(remote_port, my_id, port);
+                    }
                     0
                 }
                 Ok(_) => 0,

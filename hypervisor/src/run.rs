@@ -90,9 +90,10 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
             idle(&domains);
             continue;
         };
-        let end = run_slice(&mut domains[di], vi);
+        let end = run_slice(&mut domains, di, vi);
         if let Some(end) = end {
-            let d = domains.remove(di);
+            let mut d = domains.remove(di);
+            close_interdomain(&mut d, &mut domains);
             let ok = report_end(d, end);
             if ok {
                 outcome.ok += 1;
@@ -222,7 +223,10 @@ fn idle(domains: &[Domain]) {
 }
 
 /// Runs vCPU `vi` of `d` for up to one time slice; `Some` when the domain has ended.
-fn run_slice(d: &mut Domain, vi: usize) -> Option<DomainEnd> {
+fn run_slice(domains: &mut [Domain], di: usize, vi: usize) -> Option<DomainEnd> {
+    let (before, rest) = domains.split_at_mut(di);
+    let (d, after) = rest.split_first_mut().expect("di is in range");
+    let mut others = crate::domain::Others { before, after };
     let Domain { core, vcpus } = d;
     let cpu = &mut *vcpus[vi];
     let v = vi as u32;
@@ -264,7 +268,7 @@ fn run_slice(d: &mut Domain, vi: usize) -> Option<DomainEnd> {
         lapic::arm_ns(slice_end - now);
         let exit = cpu.run();
         lapic::disarm();
-        match exits::handle(core, v, cpu, exit) {
+        match exits::handle(core, &mut others, v, cpu, exit) {
             Flow::End(end) => {
                 if let DomainEnd::Crashed(_) = end {
                     let (code, i1, i2) = cpu.exit_info();
@@ -298,6 +302,28 @@ fn run_slice(d: &mut Domain, vi: usize) -> Option<DomainEnd> {
     xen::runstate_change(s, new, time::now_ns());
     xen::write_runstate(core, v, cpu);
     None
+}
+
+/// A dying domain's interdomain event channels: the peers' ends go back to unbound,
+/// as Xen does when a domain is destroyed.
+fn close_interdomain(d: &mut Domain, rest: &mut [Domain]) {
+    let core = &mut d.core;
+    let mut m = crate::xen::GuestEventMemory {
+        xen: &core.xen,
+        mem: &mut core.mem,
+    };
+    for c in core.evtchn.reset(&mut m) {
+        if let crate::evtchn::Closed::Interdomain {
+            port,
+            remote_dom,
+            remote_port,
+        } = c
+        {
+            if let Some(peer) = rest.iter_mut().find(|p| p.core.id == remote_dom) {
+                peer.core.evtchn.peer_closed(remote_port, core.id, port);
+            }
+        }
+    }
 }
 
 /// Logs how a domain ended and releases it; true if it ended well.

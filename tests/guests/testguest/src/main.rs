@@ -14,6 +14,7 @@
 mod arch;
 mod boot;
 mod idt;
+mod peer;
 mod rt;
 
 use core::arch::x86_64::__cpuid;
@@ -83,6 +84,8 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
         b"triple-fault" => run_triple_fault(),
         b"spin" => run_spin(),
         b"hostile" => run_hostile(),
+        b"peer-a" => peer::run_a(peer_option(cmdline()).unwrap_or(2)),
+        b"peer-b" => peer::run_b(peer_option(cmdline()).unwrap_or(1)),
         other => {
             console_write("testguest: unknown test '");
             console_write_bytes(other);
@@ -435,6 +438,14 @@ fn cmdline() -> &'static [u8] {
 }
 
 /// The value of the first `test=` option, `exits` without one.
+/// `peer=N`: the other domain of the peer tests.
+fn peer_option(cmdline: &[u8]) -> Option<u16> {
+    let v = cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .find_map(|word| word.strip_prefix(b"peer="))?;
+    core::str::from_utf8(v).ok()?.parse().ok()
+}
+
 fn test_option(cmdline: &[u8]) -> &[u8] {
     cmdline
         .split(|b| b.is_ascii_whitespace())
