@@ -358,12 +358,7 @@ impl Domain {
         let mut pm = HostPhysMem;
         let mut npt =
             PageTable::<Npt>::new(&mut pm, 4).map_err(|e| BuildError::Paging(format!("{e}")))?;
-        let rwx = Perms {
-            read: true,
-            write: true,
-            exec: true,
-            user: true,
-        };
+        let rwx = Perms::ALL;
         for e in mem.extents() {
             let max = if e.gpa % CHUNK == 0 && e.hpa % CHUNK == 0 {
                 PageSize::Size2M
@@ -481,24 +476,9 @@ impl DomainCore {
         if self.npt.translate(&pm, gpa).is_some() {
             self.npt.unmap(&mut pm, gpa, PageSize::Size4K)?;
         }
-        self.npt.map(
-            &mut pm,
-            gpa,
-            hpa,
-            PageSize::Size4K,
-            Perms {
-                read: true,
-                write: true,
-                exec: true,
-                user: true,
-            },
-        )?;
-        let rwx = Perms {
-            read: true,
-            write: true,
-            exec: true,
-            user: true,
-        };
+        self.npt
+            .map(&mut pm, gpa, hpa, PageSize::Size4K, Perms::ALL)?;
+        let rwx = Perms::ALL;
         match self.mem.overlay(gfn, hpa) {
             None => return Err(crate::paging::MapError::NotMapped),
             Some(Some(old)) => {
