@@ -143,12 +143,7 @@ fn extend_identity_map(top: u64) {
     }
     let mut pm = HostPhysMem;
     let mut pt = PageTable::<X86>::from_root(hypervisor::arch::x86::cr3() & !0xfff, 4);
-    let rw = Perms {
-        read: true,
-        write: true,
-        exec: true,
-        user: false,
-    };
+    let rw = Perms::RWX;
     let len = top.next_multiple_of(2 << 20) - FOUR_GIB;
     if let Err(e) = pt.map_range(&mut pm, FOUR_GIB, FOUR_GIB, len, rw, PageSize::Size2M) {
         log::warn!("cannot identity-map RAM above 4 GiB ({e}); it stays unused");
