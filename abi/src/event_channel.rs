@@ -163,6 +163,26 @@ pub const EVTCHN_FIFO_LINK_MASK: u32 = (1 << EVTCHN_FIFO_LINK_BITS) - 1;
 pub const EVTCHN_FIFO_NR_CHANNELS: u32 = 1 << EVTCHN_FIFO_LINK_BITS;
 /// Size of `struct evtchn_fifo_control_block` (ready u32, rsvd u32, head[16] u32).
 pub const EVTCHN_FIFO_CONTROL_BLOCK_SIZE: usize = 72;
+/// Offset of `ready` (one bit per priority queue) in the control block.
+pub const EVTCHN_FIFO_CONTROL_READY_OFFSET: u32 = 0;
+/// Offset of `head[0]` in the control block (after `ready` and `_rsvd`); `head[q]` is at
+/// `EVTCHN_FIFO_CONTROL_HEAD_OFFSET + 4 * q`.
+pub const EVTCHN_FIFO_CONTROL_HEAD_OFFSET: u32 = 8;
+/// Required alignment of `evtchn_init_control.offset` (Xen: "must be 8-bytes aligned").
+pub const EVTCHN_FIFO_CONTROL_ALIGN: u32 = 8;
+/// Event words (`event_word_t`, u32) per event-array page (Xen's
+/// `EVTCHN_FIFO_EVENT_WORDS_PER_PAGE`, 4096 / 4).
+pub const EVTCHN_FIFO_EVENT_WORDS_PER_PAGE: u32 = 1024;
+/// Most event-array pages a domain may add (Xen's `EVTCHN_FIFO_MAX_EVENT_ARRAY_PAGES`,
+/// `EVTCHN_FIFO_NR_CHANNELS / EVTCHN_FIFO_EVENT_WORDS_PER_PAGE`).
+pub const EVTCHN_FIFO_MAX_EVENT_ARRAY_PAGES: u32 =
+    EVTCHN_FIFO_NR_CHANNELS / EVTCHN_FIFO_EVENT_WORDS_PER_PAGE;
+
+const _: () = assert!(
+    EVTCHN_FIFO_CONTROL_HEAD_OFFSET as usize + 4 * EVTCHN_FIFO_MAX_QUEUES
+        == EVTCHN_FIFO_CONTROL_BLOCK_SIZE
+);
+const _: () = assert!(EVTCHN_FIFO_MAX_EVENT_ARRAY_PAGES == 128);
 
 /// Little-endian field access for the wire structs.
 trait Le: Sized {
@@ -502,6 +522,34 @@ mod tests {
         let b = c.to_bytes();
         assert_eq!(b[16], 17);
         assert_eq!(EvtchnInitControl::from_bytes(&b), c);
+    }
+
+    #[test]
+    fn fifo_structs_and_constants() {
+        assert_eq!(EvtchnInitControl::SIZE, 24);
+        assert_eq!(EvtchnExpandArray::SIZE, 8);
+        assert_eq!(EvtchnSetPriority::SIZE, 8);
+        let e = EvtchnExpandArray {
+            array_gfn: 0x1_2345_6789,
+        };
+        assert_eq!(EvtchnExpandArray::from_bytes(&e.to_bytes()), e);
+        let p = EvtchnSetPriority {
+            port: 9,
+            priority: EVTCHN_FIFO_PRIORITY_MIN,
+        };
+        assert_eq!(p.to_bytes(), [9, 0, 0, 0, 15, 0, 0, 0]);
+        assert_eq!(EVTCHN_FIFO_LINK_MASK, 0x1ffff);
+        assert_eq!(EVTCHN_FIFO_NR_CHANNELS, 131_072);
+        assert_eq!(
+            (
+                EVTCHN_FIFO_PENDING,
+                EVTCHN_FIFO_MASKED,
+                EVTCHN_FIFO_LINKED,
+                EVTCHN_FIFO_BUSY
+            ),
+            (31, 30, 29, 28)
+        );
+        assert_eq!(EVTCHN_FIFO_MAX_QUEUES, 16);
     }
 
     #[test]

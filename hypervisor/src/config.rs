@@ -52,6 +52,9 @@ pub struct DomainConfig {
     /// `test_interface` (ferrovisor extension, 0 or 1): answer the project's test
     /// hypercalls for this domain.
     pub test_interface: bool,
+    /// `evtchn_fifo` (ferrovisor extension, 0 or 1, default 1): offer the FIFO
+    /// event-channel ABI; 0 refuses `EVTCHNOP_init_control` so the guest keeps 2-level.
+    pub evtchn_fifo: bool,
     /// Things worth telling the user that are not errors (unknown keys, ignored ones).
     pub warnings: Vec<String>,
 }
@@ -457,6 +460,7 @@ const KNOWN: &[&str] = &[
     "on_reboot",
     "on_crash",
     "test_interface",
+    "evtchn_fifo",
 ];
 
 /// Parses an `xl.cfg`-syntax domain configuration.
@@ -553,6 +557,12 @@ pub fn parse(text: &str) -> Result<DomainConfig, ConfigError> {
         Some((v, line)) => return err(line, format!("`test_interface` must be 0 or 1, not {v}")),
     };
 
+    let evtchn_fifo = match settings.int("evtchn_fifo")? {
+        None | Some((1, _)) => true,
+        Some((0, _)) => false,
+        Some((v, line)) => return err(line, format!("`evtchn_fifo` must be 0 or 1, not {v}")),
+    };
+
     let mut unknown: Vec<&str> = Vec::new();
     for s in &settings.0 {
         if !KNOWN.contains(&s.key.as_str()) && !unknown.contains(&s.key.as_str()) {
@@ -573,6 +583,7 @@ pub fn parse(text: &str) -> Result<DomainConfig, ConfigError> {
         on_reboot,
         on_crash,
         test_interface,
+        evtchn_fifo,
         warnings,
     })
 }
@@ -609,6 +620,7 @@ mod tests {
                 on_reboot: Action::Restart,
                 on_crash: Action::Destroy,
                 test_interface: false,
+                evtchn_fifo: true,
                 warnings: vec![],
             }
         );
@@ -753,6 +765,8 @@ test_interface = 1
         assert!(with("test_interface = 1").unwrap().test_interface);
         assert!(with("test_interface = 2").is_err());
         assert!(with("test_interface = '1'").is_err());
+        assert!(with("evtchn_fifo = 0").is_ok_and(|c| !c.evtchn_fifo));
+        assert!(with("evtchn_fifo = 2").is_err());
     }
 
     #[test]

@@ -66,8 +66,10 @@ pub struct DomainCore {
     pub npt: PageTable<Npt>,
     /// Xen state: shared_info, vCPU placement and timers, HVM parameters.
     pub xen: crate::xen::XenDomain,
-    /// Event channels (2-level).
+    /// Event channels: ports and bindings.
     pub evtchn: crate::evtchn::EventChannels,
+    /// FIFO event-channel state once the guest chose that ABI (`None`: 2-level).
+    pub fifo: Option<crate::evtchn_fifo::FifoState>,
     /// Counters.
     pub counters: Counters,
     /// The ramdisk as loaded: (guest-physical address, length, FNV-1a of its bytes).
@@ -418,6 +420,7 @@ impl Domain {
                 npt,
                 xen,
                 evtchn,
+                fifo: None,
                 counters: Counters::default(),
                 ramdisk,
                 tlb_flush_needed: false,
@@ -499,11 +502,7 @@ impl DomainCore {
     /// see `evtchn`) and make a blocked vCPU runnable.
     pub fn timer_fired(&mut self, v: u32) {
         let virq = abi::event_channel::VIRQ_TIMER;
-        let mut m = crate::xen::GuestEventMemory {
-            xen: &self.xen,
-            mem: &mut self.mem,
-        };
-        if let Some(r) = self.evtchn.raise_virq(virq, v, &mut m) {
+        if let Some(r) = self.evtchn_op(|ch, m| ch.raise_virq(virq, v, m)) {
             let port = self.evtchn.virq_port(virq, v).unwrap_or(0);
             self.apply_raise(port, r);
         }
@@ -519,11 +518,7 @@ impl DomainCore {
     /// Marks local event-channel `port` pending (2-level delivery) and wakes the vCPU
     /// it is bound to.
     pub fn raise_port(&mut self, port: u32) {
-        let mut m = crate::xen::GuestEventMemory {
-            xen: &self.xen,
-            mem: &mut self.mem,
-        };
-        if let Some(r) = self.evtchn.hypervisor_notify(port, &mut m) {
+        if let Some(r) = self.evtchn_op(|ch, m| ch.hypervisor_notify(port, m)) {
             self.apply_raise(port, r);
         }
     }
@@ -531,12 +526,60 @@ impl DomainCore {
     /// Marks local port `port` pending for an event sent by another domain, and wakes
     /// its vCPU.
     pub fn deliver_port(&mut self, port: u32) {
-        let mut m = crate::xen::GuestEventMemory {
-            xen: &self.xen,
-            mem: &mut self.mem,
-        };
-        let r = self.evtchn.set_pending(port, &mut m);
+        let r = self.evtchn_op(|ch, m| ch.set_pending(port, m));
         self.apply_raise(port, r);
+    }
+
+    /// Runs an event-channel operation against the guest memory of the domain's
+    /// current ABI (2-level bitmaps, or FIFO event words and queues), then wakes or
+    /// interrupts the vCPUs for every event the FIFO side raised.
+    pub fn evtchn_op<R>(
+        &mut self,
+        f: impl FnOnce(&mut crate::evtchn::EventChannels, &mut dyn crate::evtchn::EventMemory) -> R,
+    ) -> R {
+        let (r, raised) = match &mut self.fifo {
+            None => {
+                let mut m = crate::xen::GuestEventMemory {
+                    xen: &self.xen,
+                    mem: &mut self.mem,
+                };
+                (f(&mut self.evtchn, &mut m), Vec::new())
+            }
+            Some(fifo) => {
+                let mut words = crate::xen::GuestFifoMemory {
+                    xen: &self.xen,
+                    mem: &mut self.mem,
+                };
+                let mut m = crate::evtchn_fifo::FifoEventMemory::new(fifo, &mut words);
+                let r = f(&mut self.evtchn, &mut m);
+                let ch = &self.evtchn;
+                (r, m.finish(|p| ch.port_vcpu(p)))
+            }
+        };
+        for (port, raise) in raised {
+            self.apply_raise(port, raise);
+        }
+        r
+    }
+
+    /// Is event `port` pending (for SCHEDOP_poll)?
+    pub fn port_pending(&mut self, port: u32) -> bool {
+        match &self.fifo {
+            None => {
+                let m = crate::xen::GuestEventMemory {
+                    xen: &self.xen,
+                    mem: &mut self.mem,
+                };
+                crate::evtchn::EventMemory::is_pending(&m, port)
+            }
+            Some(fifo) => {
+                let words = crate::xen::GuestFifoMemory {
+                    xen: &self.xen,
+                    mem: &mut self.mem,
+                };
+                fifo.is_pending(port, &words)
+            }
+        }
     }
 
     /// Wakes whoever a newly pending event concerns: the vCPU that needs the upcall,

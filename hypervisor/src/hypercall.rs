@@ -211,17 +211,10 @@ fn sched_op(
                 .chunks(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            let m = crate::xen::GuestEventMemory {
-                xen: &d.xen,
-                mem: &mut d.mem,
-            };
             if ports.iter().any(|&p| p >= d.evtchn.max_ports()) {
                 return Ok(ret(errno::EINVAL));
             }
-            if ports
-                .iter()
-                .any(|&p| crate::evtchn::EventMemory::is_pending(&m, p))
-            {
+            if ports.iter().any(|&p| d.port_pending(p)) {
                 return Ok(0);
             }
             let deadline = (timeout != 0).then_some(timeout);
@@ -555,6 +548,10 @@ fn event_channel_op(
         ec::EVTCHNOP_BIND_VCPU => 8,
         ec::EVTCHNOP_RESET => 2,
         ec::EVTCHNOP_BIND_PIRQ => return ret(errno::EOPNOTSUPP),
+        ec::EVTCHNOP_INIT_CONTROL if d.config.evtchn_fifo => ec::EvtchnInitControl::SIZE,
+        ec::EVTCHNOP_EXPAND_ARRAY if d.fifo.is_some() => ec::EvtchnExpandArray::SIZE,
+        ec::EVTCHNOP_EXPAND_ARRAY => return ret(errno::EOPNOTSUPP),
+        ec::EVTCHNOP_SET_PRIORITY if d.fifo.is_some() => ec::EvtchnSetPriority::SIZE,
         other => {
             // FIFO (init_control, expand_array, set_priority) comes later: Linux then
             // keeps the 2-level ABI.
@@ -640,22 +637,14 @@ fn event_channel_op(
                 d.evtchn.abort_interdomain(lp);
                 return err(e);
             }
-            let mut m = crate::xen::GuestEventMemory {
-                xen: &d.xen,
-                mem: &mut d.mem,
-            };
-            let r = d.evtchn.set_pending(lp, &mut m);
+            let r = d.evtchn_op(|ch, m| ch.set_pending(lp, m));
             d.apply_raise(lp, r);
             b.local_port = lp;
             out(d, &b.to_bytes())
         }
         ec::EVTCHNOP_SEND => {
             let port = le_u32(&a, 0);
-            let mut m = crate::xen::GuestEventMemory {
-                xen: &d.xen,
-                mem: &mut d.mem,
-            };
-            match d.evtchn.send(port, &mut m) {
+            match d.evtchn_op(|ch, m| ch.send(port, m)) {
                 Ok(Delivery::Local(r)) => {
                     d.apply_raise(port, r);
                     0
@@ -664,11 +653,7 @@ fn event_channel_op(
                     remote_dom,
                     remote_port,
                 }) if remote_dom == d.id => {
-                    let mut m = crate::xen::GuestEventMemory {
-                        xen: &d.xen,
-                        mem: &mut d.mem,
-                    };
-                    let r = d.evtchn.set_pending(remote_port, &mut m);
+                    let r = d.evtchn_op(|ch, m| ch.set_pending(remote_port, m));
                     d.apply_raise(remote_port, r);
                     0
                 }
@@ -695,11 +680,7 @@ fn event_channel_op(
         }
         ec::EVTCHNOP_CLOSE => {
             let port = le_u32(&a, 0);
-            let mut m = crate::xen::GuestEventMemory {
-                xen: &d.xen,
-                mem: &mut d.mem,
-            };
-            match d.evtchn.close(port, &mut m) {
+            match d.evtchn_op(|ch, m| ch.close(port, m)) {
                 Ok(crate::evtchn::Closed::Interdomain {
                     port,
                     remote_dom,
@@ -719,11 +700,7 @@ fn event_channel_op(
         }
         ec::EVTCHNOP_UNMASK => {
             let port = le_u32(&a, 0);
-            let mut m = crate::xen::GuestEventMemory {
-                xen: &d.xen,
-                mem: &mut d.mem,
-            };
-            match d.evtchn.unmask(port, &mut m) {
+            match d.evtchn_op(|ch, m| ch.unmask(port, m)) {
                 Ok(Some(v)) => {
                     let r = crate::evtchn::Raise {
                         newly_pending: false,
@@ -749,6 +726,88 @@ fn event_channel_op(
                 Err(e) => err(e),
             }
         }
+        ec::EVTCHNOP_INIT_CONTROL => {
+            let b = ec::EvtchnInitControl::read(&a).expect("size");
+            let first = d.fifo.is_none();
+            let mut state = d
+                .fifo
+                .take()
+                .unwrap_or_else(|| crate::evtchn_fifo::FifoState::new(d.xen.vcpus.len() as u32));
+            let mut result = state.check_init_control(b.vcpu, b.offset);
+            if result.is_ok()
+                && (b.control_gfn >= (1 << 40) || d.mem.translate(b.control_gfn << 12).is_none())
+            {
+                result = Err(errno::EINVAL);
+            }
+            if result.is_ok() {
+                result = state.init_control(b.vcpu, b.control_gfn, b.offset);
+            }
+            if let Err(e) = result {
+                if !first {
+                    d.fifo = Some(state);
+                }
+                return err(e);
+            }
+            if first {
+                // Xen's setup_ports: events pending under 2-level stay pending.
+                let m = crate::xen::GuestEventMemory {
+                    xen: &d.xen,
+                    mem: &mut d.mem,
+                };
+                let pending: alloc::vec::Vec<u32> = (1..d.evtchn.max_ports())
+                    .take_while(|&p| d.evtchn.status(p).is_ok())
+                    .filter(|&p| crate::evtchn::EventMemory::is_pending(&m, p))
+                    .collect();
+                state.switch_from_2level(pending);
+                log::info!("d{}: event channels switched to the FIFO ABI", d.id);
+            }
+            d.fifo = Some(state);
+            let mut out_b = b;
+            out_b.link_bits = crate::evtchn_fifo::LINK_BITS;
+            out(d, &out_b.to_bytes())
+        }
+        ec::EVTCHNOP_EXPAND_ARRAY => {
+            let gfn = le_u64(&a, 0);
+            let fifo = d.fifo.as_mut().expect("checked above");
+            if let Err(e) = fifo.check_expand_array() {
+                return err(e);
+            }
+            if gfn >= (1 << 40) || d.mem.translate(gfn << 12).is_none() {
+                return ret(errno::EINVAL);
+            }
+            let mut words = crate::xen::GuestFifoMemory {
+                xen: &d.xen,
+                mem: &mut d.mem,
+            };
+            let ch = &d.evtchn;
+            match fifo.expand_array(gfn, &mut words, |p| ch.port_vcpu(p)) {
+                Ok(raised) => {
+                    for (port, r) in raised {
+                        d.apply_raise(port, r);
+                    }
+                    0
+                }
+                Err(e) => err(e),
+            }
+        }
+        ec::EVTCHNOP_SET_PRIORITY => {
+            let (port, priority) = (le_u32(&a, 0), le_u32(&a, 4));
+            if d.evtchn.status(port).is_err() {
+                return ret(errno::EINVAL);
+            }
+            if d.evtchn.port_vcpu(port).is_none() {
+                return ret(errno::EACCES);
+            }
+            match d
+                .fifo
+                .as_mut()
+                .expect("checked above")
+                .set_priority(port, priority)
+            {
+                Ok(()) => 0,
+                Err(e) => err(e),
+            }
+        }
         ec::EVTCHNOP_BIND_VCPU => match d.evtchn.bind_vcpu(le_u32(&a, 0), le_u32(&a, 4)) {
             Ok(()) => 0,
             Err(e) => err(e),
@@ -757,11 +816,9 @@ fn event_channel_op(
             if !self_domid(d, le_u16(&a, 0)) {
                 return ret(errno::ESRCH);
             }
-            let mut m = crate::xen::GuestEventMemory {
-                xen: &d.xen,
-                mem: &mut d.mem,
-            };
-            let _ = d.evtchn.reset(&mut m);
+            let _ = d.evtchn_op(|ch, m| ch.reset(m));
+            d.fifo = None; // EVTCHNOP_reset returns the domain to the 2-level ABI
+
             // the console is the hypervisor's: give it a port again
             if let Ok(p) = d.evtchn.alloc_unbound_for_hypervisor() {
                 d.xen.params[param::CONSOLE_EVTCHN as usize] = u64::from(p);

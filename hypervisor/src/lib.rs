@@ -23,6 +23,7 @@ pub mod cpuid;
 pub mod domain;
 pub mod emulate;
 pub mod evtchn;
+pub mod evtchn_fifo;
 pub mod exits;
 pub mod frames;
 pub mod guest_acpi;

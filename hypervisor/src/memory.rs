@@ -226,6 +226,30 @@ impl GuestMemory {
         self.translate_ram(gfn << 12).map(|(h, _)| h)
     }
 
+    /// Atomically compares the aligned 32-bit word at `gpa` with `old` and, if equal,
+    /// replaces it with `new`; returns the value found (`None` outside memory or
+    /// unaligned). Used for words the guest updates concurrently (FIFO events).
+    pub fn cmpxchg_u32(&mut self, gpa: u64, old: u32, new: u32) -> Option<u32> {
+        if !gpa.is_multiple_of(4) {
+            return None;
+        }
+        let (hpa, _) = self.translate(gpa)?;
+        // SAFETY: hpa is a 4-aligned address inside one of this domain's frames
+        // (translate checked it), identity-mapped; AtomicU32 has u32's layout, and the
+        // guest touching the word concurrently is what the atomic operation is for.
+        let word = unsafe { core::sync::atomic::AtomicU32::from_ptr(hpa as *mut u32) };
+        Some(
+            match word.compare_exchange(
+                old,
+                new,
+                core::sync::atomic::Ordering::SeqCst,
+                core::sync::atomic::Ordering::SeqCst,
+            ) {
+                Ok(v) | Err(v) => v,
+            },
+        )
+    }
+
     /// Reads from one of the domain's special frames.
     pub fn special_read(&self, hpa: u64, offset: u64, buf: &mut [u8]) -> bool {
         if !self.special.contains(&hpa) || offset + buf.len() as u64 > FRAME_SIZE {

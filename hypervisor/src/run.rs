@@ -308,11 +308,7 @@ fn run_slice(domains: &mut [Domain], di: usize, vi: usize) -> Option<DomainEnd> 
 /// as Xen does when a domain is destroyed.
 fn close_interdomain(d: &mut Domain, rest: &mut [Domain]) {
     let core = &mut d.core;
-    let mut m = crate::xen::GuestEventMemory {
-        xen: &core.xen,
-        mem: &mut core.mem,
-    };
-    for c in core.evtchn.reset(&mut m) {
+    for c in core.evtchn_op(|ch, m| ch.reset(m)) {
         if let crate::evtchn::Closed::Interdomain {
             port,
             remote_dom,

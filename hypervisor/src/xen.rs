@@ -261,6 +261,39 @@ impl crate::evtchn::EventMemory for GuestEventMemory<'_> {
     }
 }
 
+/// The guest-memory side of FIFO event channels: 32-bit words in the control blocks
+/// and event-array pages the guest registered (addressed by guest frame number), with
+/// locked atomic updates, and the vCPUs' upcall flags.
+pub struct GuestFifoMemory<'a> {
+    /// Xen state (where each vcpu_info is).
+    pub xen: &'a XenDomain,
+    /// Guest memory.
+    pub mem: &'a mut GuestMemory,
+}
+
+impl crate::evtchn_fifo::FifoMemory for GuestFifoMemory<'_> {
+    fn read(&self, frame: u64, offset: u32) -> Option<u32> {
+        let mut b = [0u8; 4];
+        self.mem
+            .read((frame << 12) + u64::from(offset), &mut b)
+            .then(|| u32::from_le_bytes(b))
+    }
+    fn write(&mut self, frame: u64, offset: u32, value: u32) -> bool {
+        self.mem
+            .write((frame << 12) + u64::from(offset), &value.to_le_bytes())
+    }
+    fn cmpxchg(&mut self, frame: u64, offset: u32, old: u32, new: u32) -> Option<u32> {
+        self.mem
+            .cmpxchg_u32((frame << 12) + u64::from(offset), old, new)
+    }
+    fn set_upcall_pending(&mut self, vcpu: u32) -> bool {
+        let mut b = [0u8; 1];
+        self.xen.vcpu_info_read(self.mem, vcpu, 0, &mut b);
+        self.xen.vcpu_info_write(self.mem, vcpu, 0, &[1]);
+        b[0] != 0
+    }
+}
+
 /// Per-domain Xen state.
 pub struct XenDomain {
     /// The domain's shared_info frame (host-physical, owned by the domain's memory).

@@ -144,6 +144,8 @@ pub struct Domain {
     pub vcpus: u32,
     /// Whether the hypervisor answers the project's test interface for this domain.
     pub test_interface: bool,
+    /// Whether the hypervisor offers this domain the FIFO event-channel ABI.
+    pub evtchn_fifo: bool,
     /// A generated ramdisk (`len` pseudo-random bytes from `seed`), or none. A
     /// [`KernelSource::LinuxGuest`] domain gets its initramfs without this.
     pub ramdisk: Option<(usize, u64)>,
@@ -162,6 +164,7 @@ impl Domain {
             memory_mib: 32,
             vcpus: 1,
             test_interface: true,
+            evtchn_fifo: true,
             ramdisk: None,
             linux_cmd: None,
         }
@@ -178,6 +181,7 @@ impl Domain {
             memory_mib: LINUX_MEMORY_MIB,
             vcpus: 1,
             test_interface: false,
+            evtchn_fifo: true,
             ramdisk: None,
             linux_cmd: cmd.map(str::to_string),
         }
@@ -306,6 +310,9 @@ impl Scenario {
 pub const LINUX_BOOT_CMD: &str = "cat /sys/hypervisor/type; uname -r; nproc; \
     for p in 'Booting kernel on Xen PVH' 'xen:events: Using' 'callback vector for event delivery' \
     'smp: Brought up' 'Switched to clocksource xen'; do dmesg | grep -m1 \"$p\"; done";
+
+/// The command of the `linux-2level` scenario.
+pub const LINUX_2LEVEL_CMD: &str = "cat /sys/hypervisor/type; dmesg | grep -m1 'xen:events: Using'";
 
 /// vCPUs of the `linux-boot` guest: it proves SMP bring-up in the same boot.
 pub const LINUX_BOOT_VCPUS: u32 = 2;
@@ -496,8 +503,7 @@ pub fn catalogue() -> Vec<Scenario> {
                     Line::Exact(LINUX_RELEASE.into()),
                     Line::Exact(LINUX_BOOT_VCPUS.to_string()),
                     "Booting kernel on Xen PVH".into(),
-                    // FIFO event channels arrive with the grant/event-channel issue.
-                    "xen:events: Using 2-level ABI".into(),
+                    "xen:events: Using FIFO-based ABI".into(),
                     "Xen HVM callback vector for event delivery is enabled".into(),
                     format!("smp: Brought up 1 node, {LINUX_BOOT_VCPUS} CPUs").into(),
                     "clocksource: Switched to clocksource xen".into(),
@@ -523,6 +529,29 @@ pub fn catalogue() -> Vec<Scenario> {
             Domain::with_kernel("linux", KernelSource::CorruptLinux),
             "FATAL: kernel 'files/vmlinuz' of domain 'linux' is a bzImage whose xz payload is corrupt",
         ),
+        Scenario {
+            name: "linux-2level",
+            about: "the hypervisor refuses the FIFO event-channel ABI (evtchn_fifo = 0): Linux \
+                    falls back to 2-level event channels and still boots",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![Domain {
+                evtchn_fifo: false,
+                ..Domain::linux_guest("linux", Some(LINUX_2LEVEL_CMD))
+            }],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    INIT_RUNNING.into(),
+                    Line::Exact("xen".into()),
+                    "xen:events: Using 2-level ABI".into(),
+                    Line::Exact(format!("{EXIT_MARKER} 0")),
+                ],
+                forbidden: strings(&["PANIC", "EXCEPTION", "FATAL", "Kernel panic", "FIFO-based"]),
+            },
+            timeout_secs: 600,
+            full_only: false,
+        },
         Scenario {
             name: "hostile",
             about: "a guest passing garbage to hypercalls (bad pointers, sub-ops, lengths, \
@@ -802,7 +831,7 @@ mod tests {
         let serial = "(HV) ferrovisor\n(d1) ferro-init: up (6.1.0-56-amd64)\n\
                       (d1) ferro-init: running command\n(d1) xen\n(d1) 6.1.0-56-amd64\n(d1) 2\n\
                       (d1) [    3.8] Booting kernel on Xen PVH\n\
-                      (d1) [    4.4] xen:events: Using 2-level ABI\n\
+                      (d1) [    4.4] xen:events: Using FIFO-based ABI\n\
                       (d1) [    4.4] xen:events: Xen HVM callback vector for event delivery is enabled\n\
                       (d1) [    4.7] smp: Brought up 1 node, 2 CPUs\n\
                       (d1) [    4.6] clocksource: Switched to clocksource xen\n\

@@ -26,6 +26,8 @@ pub struct BundledDomain {
     pub vcpus: u32,
     /// `test_interface = 1` when set.
     pub test_interface: bool,
+    /// `evtchn_fifo = 0` when clear (the hypervisor then refuses the FIFO ABI).
+    pub evtchn_fifo: bool,
 }
 
 /// Quotes `s` as an `xl.cfg` string: double quotes, with backslash escapes for `"`,
@@ -63,6 +65,9 @@ pub fn domain_cfg(d: &BundledDomain, kernel: &str, ramdisk: Option<&str>) -> Str
     s.push_str(&format!("cmdline = {}\n", quote(&d.cmdline)));
     s.push_str(&format!("memory = {}\n", d.memory_mib));
     s.push_str(&format!("vcpus = {}\n", d.vcpus));
+    if !d.evtchn_fifo {
+        s.push_str("evtchn_fifo = 0\n");
+    }
     if d.test_interface {
         s.push_str("test_interface = 1\n");
     }
@@ -176,6 +181,7 @@ mod tests {
             memory_mib: 32,
             vcpus: 1,
             test_interface: true,
+            evtchn_fifo: true,
         }
     }
 

@@ -244,6 +244,7 @@ pub fn prepare(
                 memory_mib: d.memory_mib,
                 vcpus: d.vcpus,
                 test_interface: d.test_interface,
+                evtchn_fifo: d.evtchn_fifo,
             })
         })
         .collect()

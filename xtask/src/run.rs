@@ -203,6 +203,7 @@ impl LinuxBoot<'_> {
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
             test_interface: false,
+            evtchn_fifo: true,
         }
     }
 
@@ -293,6 +294,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 test_interface: false,
                 ramdisk: None,
                 linux_cmd: None,
+                evtchn_fifo: true,
             };
             (domain, PathBuf::new())
         }
