@@ -13,6 +13,7 @@
 pub mod errno;
 pub mod event_channel;
 pub mod ferro;
+pub mod grant_table;
 pub mod hypercall;
 pub mod shared_info;
 pub mod start_info;
