@@ -91,17 +91,11 @@ pub struct Others<'a> {
     pub before: &'a mut [Domain],
     /// Domains after it.
     pub after: &'a mut [Domain],
+    /// The grant-table engine (every domain's grant table and maptrack).
+    pub grants: &'a mut grant::GrantEngine,
 }
 
 impl Others<'_> {
-    /// No other domains (tests, single-domain paths).
-    pub fn none() -> Others<'static> {
-        Others {
-            before: &mut [],
-            after: &mut [],
-        }
-    }
-
     /// Domain `id`, if it is running.
     pub fn get(&mut self, id: u16) -> Option<&mut DomainCore> {
         self.before
@@ -528,6 +522,58 @@ impl DomainCore {
     pub fn deliver_port(&mut self, port: u32) {
         let r = self.evtchn_op(|ch, m| ch.set_pending(port, m));
         self.apply_raise(port, r);
+    }
+
+    /// Maps another domain's frame `hpa` (a granted page) at guest frame `gfn`, in the
+    /// nested page tables and the hypervisor's view; read-only when asked.
+    pub fn map_foreign(
+        &mut self,
+        gfn: u64,
+        hpa: u64,
+        readonly: bool,
+    ) -> Result<(), crate::paging::MapError> {
+        let mut pm = HostPhysMem;
+        let gpa = gfn << 12;
+        if !self.mem.map_foreign(gfn, hpa, readonly) {
+            return Err(crate::paging::MapError::AlreadyMapped);
+        }
+        if self.npt.translate(&pm, gpa).is_some() {
+            if let Err(e) = self.npt.unmap(&mut pm, gpa, PageSize::Size4K) {
+                self.mem.unmap_foreign(gfn, hpa);
+                return Err(e);
+            }
+        }
+        let perms = if readonly {
+            Perms {
+                write: false,
+                ..Perms::ALL
+            }
+        } else {
+            Perms::ALL
+        };
+        if let Err(e) = self.npt.map(&mut pm, gpa, hpa, PageSize::Size4K, perms) {
+            self.mem.unmap_foreign(gfn, hpa);
+            return Err(e);
+        }
+        self.tlb_flush_needed = true;
+        Ok(())
+    }
+
+    /// Removes the grant mapping of `hpa` at `gfn` (RAM that was there shows again).
+    /// The caller flushes before the grant is released.
+    pub fn unmap_foreign(&mut self, gfn: u64, hpa: u64) -> Result<(), crate::paging::MapError> {
+        let mut pm = HostPhysMem;
+        if !self.mem.unmap_foreign(gfn, hpa) {
+            return Err(crate::paging::MapError::NotMapped);
+        }
+        let gpa = gfn << 12;
+        self.npt.unmap(&mut pm, gpa, PageSize::Size4K)?;
+        if let Some(ram) = self.mem.ram_frame(gfn) {
+            self.npt
+                .map(&mut pm, gpa, ram, PageSize::Size4K, Perms::ALL)?;
+        }
+        self.tlb_flush_needed = true;
+        Ok(())
     }
 
     /// Runs an event-channel operation against the guest memory of the domain's

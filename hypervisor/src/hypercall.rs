@@ -45,7 +45,8 @@ pub fn handle(
             hc::XEN_VERSION => Ok(xen_version(d, cpu, args)),
             hc::CONSOLE_IO => Ok(console_io(d, cpu, args)),
             hc::SCHED_OP => sched_op(d, vcpu, cpu, args),
-            hc::MEMORY_OP => Ok(memory_op(d, cpu, args)),
+            hc::MEMORY_OP => Ok(memory_op(d, others, cpu, args)),
+            hc::GRANT_TABLE_OP => Ok(grant_table_op(d, others, cpu, args)),
             hc::HVM_OP => Ok(hvm_op(d, cpu, args)),
             hc::VCPU_OP => Ok(vcpu_op(d, vcpu, cpu, args)),
             hc::SET_TIMER_OP => Ok(set_timer_op(d, vcpu, args)),
@@ -256,7 +257,12 @@ fn self_domid(d: &DomainCore, domid: u16) -> bool {
     domid == DOMID_SELF || domid == d.id
 }
 
-fn memory_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+fn memory_op(
+    d: &mut DomainCore,
+    others: &mut crate::domain::Others<'_>,
+    cpu: &dyn GuestCpu,
+    args: [u64; 5],
+) -> u64 {
     // The low bits carry the sub-op; bits above MEMOP_EXTENT_SHIFT (6) are a
     // continuation start, which a first call never has.
     let cmd = args[0] & 0x3f;
@@ -293,18 +299,21 @@ fn memory_op(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
                 }
                 hc::XENMAPSPACE_SHARED_INFO => ret(errno::EINVAL),
                 hc::XENMAPSPACE_GRANT_TABLE => {
-                    // Bit 31 of idx asks for a v2 status frame: those come with grant
-                    // table v2.
-                    if idx & (1 << 31) != 0 || idx >= crate::xen::MAX_GRANT_FRAMES {
+                    // idx: the shared frame (bit 31: a v2 status frame), grown on demand
+                    if idx > u64::from(u32::MAX) {
                         return ret(errno::EINVAL);
                     }
-                    while d.xen.grant_frames.len() as u64 <= idx {
-                        match d.mem.add_special_frame() {
-                            Some(f) => d.xen.grant_frames.push(f),
-                            None => return ret(errno::ENOMEM),
-                        }
-                    }
-                    let hpa = d.xen.grant_frames[idx as usize];
+                    let id = d.id;
+                    let mfn = match others.grants.table_frame(
+                        id,
+                        idx as u32,
+                        &mut crate::grant_glue::FramesOnly,
+                    ) {
+                        Ok(m) => m,
+                        Err(e) => return e as u64, // a negative errno
+                    };
+                    let hpa = mfn << 12;
+                    d.mem.adopt_external(hpa);
                     match d.map_special(gpfn, hpa) {
                         Ok(()) => 0,
                         Err(e) => {
@@ -828,6 +837,71 @@ fn event_channel_op(
         }
         _ => ret(errno::ENOSYS),
     }
+}
+
+/// The most grant operations handled in one go; longer batches continue (the
+/// hypercall is restarted with the rest), as Xen preempts them.
+pub const GRANT_BATCH: u32 = 128;
+
+fn grant_table_op(
+    d: &mut DomainCore,
+    others: &mut crate::domain::Others<'_>,
+    cpu: &mut dyn GuestCpu,
+    args: [u64; 5],
+) -> u64 {
+    let (cmd, uop, count) = (args[0] as u32, args[1], args[2] as u32);
+    if (count as i32) < 0 {
+        return ret(errno::EINVAL);
+    }
+    let Some(size) = grant::dispatch::arg_size(cmd) else {
+        // dump_table, transfer, cache_flush and unknown: the engine answers
+        let mut host = crate::grant_glue::Host {
+            cur: d,
+            before: &mut *others.before,
+            after: &mut *others.after,
+            cpu: Some(&*cpu),
+        };
+        let id = host.cur.id;
+        return others
+            .grants
+            .grant_table_op(id, cmd, &mut [], count, &mut host) as u64;
+    };
+    let batch = match grant::dispatch::args_len(cmd, 1) {
+        Some(n) if n == size => count.min(GRANT_BATCH),
+        _ => count, // set_version / get_version: one structure whatever the count
+    };
+    let len = grant::dispatch::args_len(cmd, batch).unwrap_or(0);
+    let mut buf = alloc::vec![0u8; len];
+    if copy_from_guest(d, cpu, uop, &mut buf).is_err() {
+        return ret(errno::EFAULT);
+    }
+    let id = d.id;
+    let rc = {
+        let mut host = crate::grant_glue::Host {
+            cur: d,
+            before: &mut *others.before,
+            after: &mut *others.after,
+            cpu: Some(&*cpu),
+        };
+        others
+            .grants
+            .grant_table_op(id, cmd, &mut buf, batch, &mut host)
+    };
+    if copy_to_guest(d, cpu, uop, &buf).is_err() {
+        return ret(errno::EFAULT);
+    }
+    if rc == 0 && batch < count && buf.len() == size * batch as usize {
+        // continue with the rest of the batch
+        let (rb, rc_reg) = if cpu.code_segment().0 == CodeMode::Bits64 {
+            (reg::RSI, reg::RDX)
+        } else {
+            (reg::RCX, reg::RDX)
+        };
+        cpu.set_reg(rb, uop.wrapping_add(buf.len() as u64));
+        cpu.set_reg(rc_reg, u64::from(count - batch));
+        return CONTINUATION;
+    }
+    rc as u64
 }
 
 fn set_timer_op(d: &mut DomainCore, vcpu: u32, args: [u64; 5]) -> u64 {

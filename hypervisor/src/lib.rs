@@ -26,6 +26,7 @@ pub mod evtchn;
 pub mod evtchn_fifo;
 pub mod exits;
 pub mod frames;
+pub mod grant_glue;
 pub mod guest_acpi;
 pub mod hypercall;
 #[allow(unsafe_code)] // owns guest frames; copies go through `arch::phys`

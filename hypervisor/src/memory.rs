@@ -31,6 +31,11 @@ pub struct GuestMemory {
     special: Vec<u64>,
     /// Guest frames whose translation is replaced by a special frame.
     overlay: BTreeMap<u64, u64>,
+    /// Frames owned elsewhere (grant-table frames of the grant engine) that may be
+    /// overlaid like special frames but are not freed with the domain.
+    external: Vec<u64>,
+    /// Grant mappings of other domains' frames: guest frame -> (host frame, read-only).
+    foreign: BTreeMap<u64, (u64, bool)>,
 }
 
 /// The machine has too little free memory for a domain.
@@ -52,6 +57,8 @@ impl GuestMemory {
             size: 0,
             special: Vec::new(),
             overlay: BTreeMap::new(),
+            external: Vec::new(),
+            foreign: BTreeMap::new(),
         };
         while m.size < size {
             let left = size - m.size;
@@ -116,11 +123,27 @@ impl GuestMemory {
         if let Some(&hpa) = self.overlay.get(&(gpa >> 12)) {
             return Some((hpa + (gpa & 0xfff), FRAME_SIZE - (gpa & 0xfff)));
         }
+        if let Some(&(hpa, _)) = self.foreign.get(&(gpa >> 12)) {
+            return Some((hpa + (gpa & 0xfff), FRAME_SIZE - (gpa & 0xfff)));
+        }
         let (hpa, avail) = self.translate_ram(gpa)?;
         // stop at the next overlaid page
         let next_page = (gpa | 0xfff) + 1;
-        match self.overlay.range(next_page >> 12..).next() {
-            Some((&gfn, _)) if (gfn << 12) < gpa + avail => Some((hpa, (gfn << 12) - gpa)),
+        let next_special = [
+            self.overlay
+                .range(next_page >> 12..)
+                .next()
+                .map(|(g, _)| *g),
+            self.foreign
+                .range(next_page >> 12..)
+                .next()
+                .map(|(g, _)| *g),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        match next_special {
+            Some(gfn) if (gfn << 12) < gpa + avail => Some((hpa, (gfn << 12) - gpa)),
             _ => Some((hpa, avail)),
         }
     }
@@ -147,12 +170,23 @@ impl GuestMemory {
         true
     }
 
-    /// Copies `data` into guest memory at `gpa`; false (nothing written) if any byte
-    /// is outside RAM.
+    /// Copies `data` into guest memory at `gpa`; false (nothing written) if any byte is
+    /// outside the domain's memory or read-only.
     pub fn write(&mut self, gpa: u64, data: &[u8]) -> bool {
-        if gpa
-            .checked_add(data.len() as u64)
-            .is_none_or(|end| end > self.size)
+        let Some(end) = gpa.checked_add(data.len() as u64) else {
+            return false;
+        };
+        // all of it must be there (RAM, special frames, grant mappings), and read-only
+        // grant mappings are not written through
+        let last = end.saturating_sub(1);
+        if (gpa..end)
+            .step_by(4096)
+            .chain([last])
+            .any(|a| self.translate(a).is_none())
+            || self
+                .foreign
+                .range(gpa >> 12..=last >> 12)
+                .any(|(_, (_, ro))| *ro)
         {
             return false;
         }
@@ -206,7 +240,7 @@ impl GuestMemory {
     /// frame it was at before (returned) gets back what was there (RAM, or nothing).
     /// `None` if `hpa` is not owned.
     pub fn overlay(&mut self, gfn: u64, hpa: u64) -> Option<Option<u64>> {
-        if !self.special.contains(&hpa) {
+        if !self.special.contains(&hpa) && !self.external.contains(&hpa) {
             return None;
         }
         let old = self
@@ -219,6 +253,48 @@ impl GuestMemory {
         }
         self.overlay.insert(gfn, hpa);
         Some(old.filter(|&g| g != gfn))
+    }
+
+    /// Lets `hpa`, a frame owned elsewhere (a grant-table frame), be overlaid.
+    pub fn adopt_external(&mut self, hpa: u64) {
+        if !self.external.contains(&hpa) {
+            self.external.push(hpa);
+        }
+    }
+
+    /// The guest frame a special or external frame is placed at, if any.
+    pub fn placed_at(&self, hpa: u64) -> Option<u64> {
+        self.overlay
+            .iter()
+            .find(|(_, h)| **h == hpa)
+            .map(|(g, _)| *g)
+    }
+
+    /// Is guest frame `gfn` ordinary RAM of this domain (no overlay, no grant mapping)?
+    pub fn is_plain_ram(&self, gfn: u64) -> bool {
+        !self.overlay.contains_key(&gfn)
+            && !self.foreign.contains_key(&gfn)
+            && self.ram_frame(gfn).is_some()
+    }
+
+    /// Records a grant mapping of another domain's frame at `gfn`.
+    pub fn map_foreign(&mut self, gfn: u64, hpa: u64, readonly: bool) -> bool {
+        if self.overlay.contains_key(&gfn) || self.foreign.contains_key(&gfn) {
+            return false;
+        }
+        self.foreign.insert(gfn, (hpa, readonly));
+        true
+    }
+
+    /// Removes the grant mapping of `hpa` at `gfn`; false if that is not what is there.
+    pub fn unmap_foreign(&mut self, gfn: u64, hpa: u64) -> bool {
+        match self.foreign.get(&gfn) {
+            Some(&(h, _)) if h == hpa => {
+                self.foreign.remove(&gfn);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The RAM frame behind guest frame `gfn`, ignoring overlays.

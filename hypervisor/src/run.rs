@@ -53,6 +53,7 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     cfgs.sort_by(|a, b| a.0.cmp(&b.0));
 
     let free_before = crate::frames::free_count();
+    let mut grants = grant::GrantEngine::new();
     let mut domains = Vec::new();
     for (i, (path, data)) in cfgs.iter().enumerate() {
         let text = core::str::from_utf8(data)
@@ -73,8 +74,18 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
             }
             other => format!("domain '{name}': {other}"),
         })?;
+        grants
+            .create_domain(
+                id,
+                crate::grant_glue::domain_config(),
+                &mut crate::grant_glue::FramesOnly,
+            )
+            .map_err(|e| format!("domain '{name}': no grant table: {e:?}"))?;
         domains.push(d);
     }
+    // Domains that ended while others still map their grants: their memory stays until
+    // the last mapping is gone (as Xen keeps granted pages alive).
+    let mut zombies: Vec<Domain> = Vec::new();
 
     let mut outcome = Outcome { ok: 0, failed: 0 };
     // start just before the first vCPU of the first domain
@@ -90,17 +101,44 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
             idle(&domains);
             continue;
         };
-        let end = run_slice(&mut domains, di, vi);
+        let end = run_slice(&mut domains, &mut grants, di, vi);
         if let Some(end) = end {
             let mut d = domains.remove(di);
             close_interdomain(&mut d, &mut domains);
-            let ok = report_end(d, end);
+            let id = d.core.id;
+            let mut host = crate::grant_glue::Host {
+                cur: &mut d.core,
+                before: &mut domains,
+                after: &mut [],
+                cpu: None,
+            };
+            let report = grants.destroy_domain(id, &mut host);
+            let table_freed = report.is_none_or(|r| r.table_freed);
+            let ok = report_end(&mut d, end);
+            if table_freed {
+                d.destroy();
+            } else {
+                log::info!("d{id}: memory kept until the other domains unmap its grants");
+                zombies.push(d);
+            }
+            let mut i = 0;
+            while i < zombies.len() {
+                if grants.table(zombies[i].core.id).is_none() {
+                    zombies.swap_remove(i).destroy();
+                } else {
+                    i += 1;
+                }
+            }
             if ok {
                 outcome.ok += 1;
             } else {
                 outcome.failed += 1;
             }
         }
+    }
+    // every mapper has ended, so every table is free now
+    for z in zombies.drain(..) {
+        z.destroy();
     }
     let free_after = crate::frames::free_count();
     if free_after == free_before {
@@ -223,10 +261,19 @@ fn idle(domains: &[Domain]) {
 }
 
 /// Runs vCPU `vi` of `d` for up to one time slice; `Some` when the domain has ended.
-fn run_slice(domains: &mut [Domain], di: usize, vi: usize) -> Option<DomainEnd> {
+fn run_slice(
+    domains: &mut [Domain],
+    grants: &mut grant::GrantEngine,
+    di: usize,
+    vi: usize,
+) -> Option<DomainEnd> {
     let (before, rest) = domains.split_at_mut(di);
     let (d, after) = rest.split_first_mut().expect("di is in range");
-    let mut others = crate::domain::Others { before, after };
+    let mut others = crate::domain::Others {
+        before,
+        after,
+        grants,
+    };
     let Domain { core, vcpus } = d;
     let cpu = &mut *vcpus[vi];
     let v = vi as u32;
@@ -322,8 +369,8 @@ fn close_interdomain(d: &mut Domain, rest: &mut [Domain]) {
     }
 }
 
-/// Logs how a domain ended and releases it; true if it ended well.
-fn report_end(mut d: Domain, end: DomainEnd) -> bool {
+/// Logs how a domain ended; true if it ended well.
+fn report_end(d: &mut Domain, end: DomainEnd) -> bool {
     d.core.flush_console_if_pending();
     let (id, name) = (d.core.id, String::from(d.core.name()));
     let c = &d.core.counters;
@@ -352,7 +399,6 @@ fn report_end(mut d: Domain, end: DomainEnd) -> bool {
             .collect();
         log::info!("d{id} busiest ports: {}", top.join(", "));
     }
-    d.destroy();
     ok
 }
 

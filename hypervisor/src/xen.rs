@@ -302,13 +302,7 @@ pub struct XenDomain {
     pub params: [u64; param::NR as usize],
     /// Generic vCPU state, by id.
     pub vcpus: Vec<VcpuState>,
-    /// Grant-table frames (host-physical) by index, allocated when the guest first
-    /// places them in its physmap.
-    pub grant_frames: Vec<u64>,
 }
-
-/// Most grant-table frames a domain may have (Xen's default `max_grant_frames`).
-pub const MAX_GRANT_FRAMES: u64 = 64;
 
 impl XenDomain {
     /// Sets up shared_info (wallclock and every legacy vcpu_info's pvclock valid from
@@ -319,7 +313,6 @@ impl XenDomain {
             shared_info,
             params: [0; param::NR as usize],
             vcpus: (0..nvcpus).map(VcpuState::new).collect(),
-            grant_frames: Vec::new(),
         };
         for v in 0..nvcpus.min(LEGACY_VCPUS) {
             x.write_time_info(mem, v);

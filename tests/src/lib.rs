@@ -553,6 +553,34 @@ pub fn catalogue() -> Vec<Scenario> {
             full_only: false,
         },
         Scenario {
+            name: "grant-peers",
+            about: "A grants a page to B; B maps it, reads A's bytes, writes its own, \
+                    unmaps; an interdomain event channel signals both ways; after A ends \
+                    access B's second map fails with GNTST_general_error",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("peer-a", "test=peer-a peer=2"),
+                Domain::test_guest("peer-b", "test=peer-b peer=1"),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "(d2) testguest: peer-b: grant mapped: ok".into(),
+                    "(d2) testguest: peer-b: peer's pattern read through the mapping: ok".into(),
+                    "(d1) testguest: peer-a: peer's pattern in the shared page: ok".into(),
+                    "(d2) testguest: peer-b: second map after the peer ended access fails: ok (-1)".into(),
+                    "d2 check peer-b: PASS".into(),
+                    "d1 check peer-a: PASS".into(),
+                    "all domain memory returned".into(),
+                    "all domains finished: 2 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "WRONG", "PANIC", "EXCEPTION", "FATAL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+        },
+        Scenario {
             name: "hostile",
             about: "a guest passing garbage to hypercalls (bad pointers, sub-ops, lengths, \
                     vCPUs) gets Xen's error codes; it and a second domain run on",

@@ -87,3 +87,85 @@ impl crate::paging::PhysMem for HostPhysMem {
         crate::frames::free(pa, 1);
     }
 }
+
+/// Grant-table engine access to machine frames: the engine only names frames it got
+/// from [`crate::grant_glue`] (a domain's RAM through `translate`, or table frames from
+/// the frame allocator), all identity-mapped RAM that stays allocated while the engine
+/// references it.
+pub struct GrantFrames;
+
+fn frame_ptr<T>(mfn: u64, offset: usize) -> *mut T {
+    ((mfn << 12) + (offset as u64 % 4096)) as *mut T
+}
+
+impl grant::host::GrantMemory for GrantFrames {
+    fn load_u16(&self, mfn: u64, offset: usize) -> u16 {
+        // SAFETY: see the type's documentation; the engine keeps offsets inside the
+        // frame and aligned for the access size.
+        unsafe { core::ptr::read_volatile(frame_ptr(mfn, offset)) }
+    }
+    fn load_u32(&self, mfn: u64, offset: usize) -> u32 {
+        // SAFETY: as in load_u16.
+        unsafe { core::ptr::read_volatile(frame_ptr(mfn, offset)) }
+    }
+    fn load_u64(&self, mfn: u64, offset: usize) -> u64 {
+        // SAFETY: as in load_u16.
+        unsafe { core::ptr::read_volatile(frame_ptr(mfn, offset)) }
+    }
+    fn cmpxchg_u32(&mut self, mfn: u64, offset: usize, old: u32, new: u32) -> u32 {
+        use core::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        // SAFETY: as in load_u16; the guest may touch the word concurrently, which is
+        // what the atomic compare-exchange is for.
+        let w = unsafe { AtomicU32::from_ptr(frame_ptr(mfn, offset)) };
+        match w.compare_exchange(old, new, SeqCst, SeqCst) {
+            Ok(v) | Err(v) => v,
+        }
+    }
+    fn or_u16(&mut self, mfn: u64, offset: usize, bits: u16) {
+        use core::sync::atomic::{AtomicU16, Ordering::SeqCst};
+        // SAFETY: as in cmpxchg_u32.
+        unsafe { AtomicU16::from_ptr(frame_ptr(mfn, offset)) }.fetch_or(bits, SeqCst);
+    }
+    fn and_u16(&mut self, mfn: u64, offset: usize, mask: u16) {
+        use core::sync::atomic::{AtomicU16, Ordering::SeqCst};
+        // SAFETY: as in cmpxchg_u32.
+        unsafe { AtomicU16::from_ptr(frame_ptr(mfn, offset)) }.fetch_and(mask, SeqCst);
+    }
+    fn store_u16(&mut self, mfn: u64, offset: usize, v: u16) {
+        // SAFETY: as in load_u16.
+        unsafe { core::ptr::write_volatile(frame_ptr(mfn, offset), v) }
+    }
+    fn store_u32(&mut self, mfn: u64, offset: usize, v: u32) {
+        // SAFETY: as in load_u16.
+        unsafe { core::ptr::write_volatile(frame_ptr(mfn, offset), v) }
+    }
+    fn store_u64(&mut self, mfn: u64, offset: usize, v: u64) {
+        // SAFETY: as in load_u16.
+        unsafe { core::ptr::write_volatile(frame_ptr(mfn, offset), v) }
+    }
+    fn zero_frame(&mut self, mfn: u64) {
+        // SAFETY: a whole frame the engine owns or has pinned.
+        unsafe { zero(mfn << 12, 4096) }
+    }
+    fn copy_bytes(
+        &mut self,
+        dst_mfn: u64,
+        dst_off: usize,
+        src_mfn: u64,
+        src_off: usize,
+        len: usize,
+    ) {
+        if dst_off + len > 4096 || src_off + len > 4096 {
+            return; // the engine checks this first (GNTST_bad_copy_arg)
+        }
+        // SAFETY: both ranges lie inside frames the engine pinned for this copy;
+        // `copy` tolerates overlap.
+        unsafe {
+            core::ptr::copy(
+                ((src_mfn << 12) + src_off as u64) as *const u8,
+                ((dst_mfn << 12) + dst_off as u64) as *mut u8,
+                len,
+            )
+        }
+    }
+}

@@ -6,7 +6,8 @@
 //! console's), maps the grant, checks A's pattern, writes its own, unmaps, and
 //! notifies A. A checks B's pattern, ends the grant, and notifies B. B maps again:
 //! the map must fail with `GNTST_general_error`, as Xen answers for an entry that no
-//! longer permits access. Each side reports its failures through the test interface.
+//! longer permits access, and tells A, which has waited for that. Each side reports its
+//! failures through the test interface.
 
 use core::fmt::Write;
 use core::sync::atomic::{compiler_fence, AtomicU8, Ordering};
@@ -65,6 +66,35 @@ static SHARED: Page = Page::new();
 static GRANT_TABLE: Page = Page::new();
 /// Where B maps A's grant (the RAM page there is replaced while mapped).
 static SLOT: Page = Page::new();
+/// Where each side places its shared_info (to clear event-pending bits).
+static SHINFO: Page = Page::new();
+
+/// Places shared_info at [`SHINFO`].
+fn map_shared_info() -> i64 {
+    let mut xatp = [0u8; 24];
+    xatp[0..2].copy_from_slice(&DOMID_SELF.to_le_bytes());
+    xatp[16..24].copy_from_slice(&(SHINFO.addr() >> 12).to_le_bytes());
+    hypercall(
+        hc::MEMORY_OP,
+        hc::XENMEM_ADD_TO_PHYSMAP,
+        xatp.as_ptr() as u64,
+        0,
+    )
+}
+
+/// Clears `port`'s bit in shared_info's `evtchn_pending` (2-level), as a guest's
+/// event handler does before looking at what the event means.
+fn clear_pending(port: u32) {
+    let byte = 2048 + (port / 8) as usize;
+    SHINFO.0[byte].fetch_and(!(1u8 << (port % 8)), Ordering::SeqCst);
+}
+
+/// Waits for the next event on `port` and consumes it.
+fn wait(port: u32) -> i64 {
+    let rc = poll(port);
+    clear_pending(port);
+    rc
+}
 
 fn pattern_a(i: usize) -> u8 {
     (i as u8) ^ 0x5a
@@ -168,6 +198,8 @@ pub fn run_a(peer: u16) -> ! {
         failed: 0,
     };
     console_write("testguest: peer-a: granting a page\n");
+    let rc = map_shared_info();
+    s.check("shared_info placed", rc == 0, rc);
     // place grant frame 0 at GRANT_TABLE
     let mut xatp = [0u8; 24];
     xatp[0..2].copy_from_slice(&DOMID_SELF.to_le_bytes());
@@ -210,7 +242,7 @@ pub fn run_a(peer: u16) -> ! {
         rc == 0 && port == A_PORT,
         i64::from(port),
     );
-    let rc = poll(port);
+    let rc = wait(port);
     s.check("woken by the peer's event", rc == 0, rc);
     s.check(
         "peer's pattern in the shared page",
@@ -226,6 +258,9 @@ pub fn run_a(peer: u16) -> ! {
     grant_flags().store(0, Ordering::SeqCst); // end foreign access
     let rc = evtchn_send(port);
     s.check("event to the peer", rc == 0, rc);
+    // stay until B has tried its second map (a dead granter answers GNTST_bad_domain)
+    let rc = wait(port);
+    s.check("woken by the peer's last event", rc == 0, rc);
     report(Check::PeerA, s.failed, s.done);
     shutdown(hc::SHUTDOWN_POWEROFF)
 }
@@ -238,6 +273,8 @@ pub fn run_b(peer: u16) -> ! {
         failed: 0,
     };
     console_write("testguest: peer-b: waiting for the peer's port\n");
+    let rc = map_shared_info();
+    s.check("shared_info placed", rc == 0, rc);
     let mut bi = [0u8; 12];
     bi[0..2].copy_from_slice(&peer.to_le_bytes());
     bi[4..8].copy_from_slice(&A_PORT.to_le_bytes());
@@ -256,6 +293,7 @@ pub fn run_b(peer: u16) -> ! {
     }
     let port = u32::from_le_bytes([bi[8], bi[9], bi[10], bi[11]]);
     s.check("bound to the peer's port", rc == 0, i64::from(port));
+    clear_pending(port); // Xen flags a freshly bound interdomain port
     let (st, handle) = map_grant(SLOT.addr(), peer);
     s.check("grant mapped", st == 0, i64::from(st));
     s.check(
@@ -268,7 +306,7 @@ pub fn run_b(peer: u16) -> ! {
     s.check("grant unmapped", st == 0, i64::from(st));
     let rc = evtchn_send(port);
     s.check("event to the peer", rc == 0, rc);
-    let rc = poll(port);
+    let rc = wait(port);
     s.check("woken by the peer's event", rc == 0, rc);
     let (st, _) = map_grant(SLOT.addr(), peer);
     s.check(
@@ -276,6 +314,8 @@ pub fn run_b(peer: u16) -> ! {
         st == GNTST_GENERAL_ERROR,
         i64::from(st),
     );
+    let rc = evtchn_send(port);
+    s.check("last event to the peer", rc == 0, rc);
     report(Check::PeerB, s.failed, s.done);
     shutdown(hc::SHUTDOWN_POWEROFF)
 }
