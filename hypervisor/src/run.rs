@@ -106,6 +106,18 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
             let mut d = domains.remove(di);
             close_interdomain(&mut d, &mut domains);
             let id = d.core.id;
+            if let Some(g) = grants.domain_counters(id) {
+                log::info!(
+                    "d{id} grants: {} maps, {} unmaps, {} copies ({} bytes), {} mappings live at the end",
+                    g.maps, g.unmaps, g.copies, g.bytes_copied, g.live_mappings
+                );
+            }
+            let ch = &d.core.evtchn;
+            log::info!(
+                "d{id} event channels: {} ports in use, {:?}",
+                ch.active_ports(),
+                ch.counters()
+            );
             let mut host = crate::grant_glue::Host {
                 cur: &mut d.core,
                 before: &mut domains,

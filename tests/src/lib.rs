@@ -308,7 +308,8 @@ impl Scenario {
 /// It prints the hypervisor type, the release, the CPU count, then one line of dmesg for
 /// each fact the judge checks, in a fixed order.
 pub const LINUX_BOOT_CMD: &str = "cat /sys/hypervisor/type; uname -r; nproc; \
-    for p in 'Booting kernel on Xen PVH' 'xen:events: Using' 'callback vector for event delivery' \
+    for p in 'Booting kernel on Xen PVH' 'Grant table initialized' 'xen:events: Using' \
+    'callback vector for event delivery' \
     'smp: Brought up' 'Switched to clocksource xen'; do dmesg | grep -m1 \"$p\"; done";
 
 /// The command of the `linux-2level` scenario.
@@ -503,6 +504,7 @@ pub fn catalogue() -> Vec<Scenario> {
                     Line::Exact(LINUX_RELEASE.into()),
                     Line::Exact(LINUX_BOOT_VCPUS.to_string()),
                     "Booting kernel on Xen PVH".into(),
+                    "Grant table initialized".into(),
                     "xen:events: Using FIFO-based ABI".into(),
                     "Xen HVM callback vector for event delivery is enabled".into(),
                     format!("smp: Brought up 1 node, {LINUX_BOOT_VCPUS} CPUs").into(),
@@ -859,6 +861,7 @@ mod tests {
         let serial = "(HV) ferrovisor\n(d1) ferro-init: up (6.1.0-56-amd64)\n\
                       (d1) ferro-init: running command\n(d1) xen\n(d1) 6.1.0-56-amd64\n(d1) 2\n\
                       (d1) [    3.8] Booting kernel on Xen PVH\n\
+                      (d1) [    4.4] Grant table initialized\n\
                       (d1) [    4.4] xen:events: Using FIFO-based ABI\n\
                       (d1) [    4.4] xen:events: Xen HVM callback vector for event delivery is enabled\n\
                       (d1) [    4.7] smp: Brought up 1 node, 2 CPUs\n\
