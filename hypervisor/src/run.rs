@@ -104,6 +104,18 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
         let end = run_slice(&mut domains, &mut grants, di, vi);
         if let Some(end) = end {
             let mut d = domains.remove(di);
+            let ch = &d.core.evtchn;
+            log::info!(
+                "d{} event channels: {} ports in use at the end, {} ABI, {:?}",
+                d.core.id,
+                ch.active_ports(),
+                if d.core.fifo.is_some() {
+                    "FIFO"
+                } else {
+                    "2-level"
+                },
+                ch.counters()
+            );
             close_interdomain(&mut d, &mut domains);
             let id = d.core.id;
             if let Some(g) = grants.domain_counters(id) {
@@ -112,12 +124,6 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
                     g.maps, g.unmaps, g.copies, g.bytes_copied, g.live_mappings
                 );
             }
-            let ch = &d.core.evtchn;
-            log::info!(
-                "d{id} event channels: {} ports in use, {:?}",
-                ch.active_ports(),
-                ch.counters()
-            );
             let mut host = crate::grant_glue::Host {
                 cur: &mut d.core,
                 before: &mut domains,
