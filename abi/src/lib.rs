@@ -17,6 +17,7 @@ pub mod grant_table;
 pub mod hypercall;
 pub mod shared_info;
 pub mod start_info;
+mod wire;
 
 /// ELF note type carrying the 32-bit physical entry point of a PVH kernel
 /// (`XEN_ELFNOTE_PHYS32_ENTRY`, elfnote.h).
