@@ -13,6 +13,10 @@
 /// The test-report hypercall number ("FE" in ASCII, far above Xen's 64 slots).
 pub const TEST_HYPERCALL: u64 = 0x4645;
 
+/// Not a check: `rdi = QUERY_RESTARTS` asks how many times the hypervisor restarted
+/// this domain (`on_reboot`/`on_crash = "restart"`); the count comes back in rax.
+pub const QUERY_RESTARTS: u64 = 0x100;
+
 /// Port a guest may write characters to; the hypervisor prints them as the guest's
 /// console (Xen's HVM debug port 0xe9 behaves the same).
 pub const DEBUG_PORT: u16 = 0xe9;
@@ -75,6 +79,8 @@ pub enum Check {
     PeerA = 13,
     /// `test=peer-b`: failed steps (value) of how many (value2).
     PeerB = 14,
+    /// `test=reboot-twice`: the restart count the guest read (value) once it reached 2.
+    Restarts = 15,
 }
 
 impl Check {
@@ -93,7 +99,13 @@ impl Check {
     ];
 
     /// Checks reported only when their subject exists (a ramdisk).
-    pub const OPTIONAL: [Check; 4] = [Check::Ramdisk, Check::Hostile, Check::PeerA, Check::PeerB];
+    pub const OPTIONAL: [Check; 5] = [
+        Check::Ramdisk,
+        Check::Hostile,
+        Check::PeerA,
+        Check::PeerB,
+        Check::Restarts,
+    ];
 
     /// The check for a report's `rdi`.
     pub fn from_id(id: u64) -> Option<Check> {
@@ -120,6 +132,7 @@ impl Check {
             Check::Hostile => "hostile-hypercalls",
             Check::PeerA => "peer-a",
             Check::PeerB => "peer-b",
+            Check::Restarts => "restarts",
         }
     }
 }

@@ -78,6 +78,8 @@ pub struct DomainCore {
     pub console_ring: u64,
     /// The guest's E820 memory map: (address, size, type).
     pub e820: Vec<(u64, u64, u32)>,
+    /// How many times this domain was restarted (`on_reboot`/`on_crash = "restart"`).
+    pub restarts: u32,
     /// The nested page tables changed: flush guest TLBs at the next entry.
     pub tlb_flush_needed: bool,
     /// Things already logged once (unknown hypercalls, MSRs, ports).
@@ -418,6 +420,7 @@ impl Domain {
                 counters: Counters::default(),
                 ramdisk,
                 tlb_flush_needed: false,
+                restarts: 0,
                 console_ring: console_gpa,
                 e820: memmap.iter().map(|e| (e.addr, e.size, e.type_)).collect(),
                 logged: BTreeSet::new(),

@@ -14,6 +14,7 @@ use abi::hypercall::{shutdown_reason_name, SHUTDOWN_POWEROFF};
 
 use crate::arch::lapic;
 use crate::arch::svm::SvmCpu;
+use crate::config::Action;
 use crate::domain::{BuildError, Domain, DomainEnd};
 use crate::exits::{self, Flow};
 use crate::time;
@@ -86,6 +87,8 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     // Domains that ended while others still map their grants: their memory stays until
     // the last mapping is gone (as Xen keeps granted pages alive).
     let mut zombies: Vec<Domain> = Vec::new();
+    // Domains whose config says `preserve`: kept, not run, released at the end.
+    let mut preserved: Vec<Domain> = Vec::new();
 
     let mut outcome = Outcome { ok: 0, failed: 0 };
     // start just before the first vCPU of the first domain
@@ -132,12 +135,39 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
             };
             let report = grants.destroy_domain(id, &mut host);
             let table_freed = report.is_none_or(|r| r.table_freed);
+            let action = action_for(&d.core.config, &end);
             let ok = report_end(&mut d, end);
-            if table_freed {
+            if action != Action::Restart {
+                if ok {
+                    outcome.ok += 1;
+                } else {
+                    outcome.failed += 1;
+                }
+            }
+            let (config, restarts) = (d.core.config.clone(), d.core.restarts);
+            if action == Action::Preserve {
+                log::info!("d{id}: preserved (not destroyed, not run) as its config asks");
+                preserved.push(d);
+            } else if table_freed {
                 d.destroy();
             } else {
                 log::info!("d{id}: memory kept until the other domains unmap its grants");
                 zombies.push(d);
+            }
+            if action == Action::Restart {
+                let name = config.name.clone();
+                let mut fresh = Domain::build(id, config, bundle, cpu)
+                    .map_err(|e| format!("restarting domain '{name}': {e}"))?;
+                fresh.core.restarts = restarts + 1;
+                grants
+                    .create_domain(
+                        id,
+                        crate::grant_glue::domain_config(),
+                        &mut crate::grant_glue::FramesOnly,
+                    )
+                    .map_err(|e| format!("restarting domain '{name}': no grant table: {e:?}"))?;
+                log::info!("d{id} ({name}) restarted (restart {})", restarts + 1);
+                domains.push(fresh);
             }
             let mut i = 0;
             while i < zombies.len() {
@@ -147,15 +177,10 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
                     i += 1;
                 }
             }
-            if ok {
-                outcome.ok += 1;
-            } else {
-                outcome.failed += 1;
-            }
         }
     }
     // every mapper has ended, so every table is free now
-    for z in zombies.drain(..) {
+    for z in zombies.drain(..).chain(preserved.drain(..)) {
         z.destroy();
     }
     let free_after = crate::frames::free_count();
@@ -367,6 +392,16 @@ fn run_slice(
     xen::runstate_change(s, new, time::now_ns());
     xen::write_runstate(core, v, cpu);
     None
+}
+
+/// What the domain's config says to do after `end` (xl's on_poweroff, on_reboot,
+/// on_crash; a shutdown for suspend or watchdog counts as a crash here).
+fn action_for(c: &crate::config::DomainConfig, end: &DomainEnd) -> Action {
+    match end {
+        DomainEnd::Shutdown(SHUTDOWN_POWEROFF) => c.on_poweroff,
+        DomainEnd::Shutdown(abi::hypercall::SHUTDOWN_REBOOT) => c.on_reboot,
+        DomainEnd::Shutdown(_) | DomainEnd::Crashed(_) => c.on_crash,
+    }
 }
 
 /// A dying domain's interdomain event channels: the peers' ends go back to unbound,

@@ -17,6 +17,9 @@ pub const HOSTILE_MIN_CASES: u64 = 10;
 /// Handles a report: `args[0]` = check id, `args[1]`, `args[2]` = observed values.
 /// Returns 0 for PASS, 1 for FAIL, `-EINVAL` for an unknown check.
 pub fn report(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
+    if args[0] == ferro::QUERY_RESTARTS {
+        return u64::from(d.restarts);
+    }
     let Some(check) = Check::from_id(args[0]) else {
         log::warn!("d{}: test report for unknown check {}", d.id, args[0]);
         return ret(errno::EINVAL);
@@ -110,6 +113,10 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
         Check::PeerA | Check::PeerB => (
             v == 0 && v2 >= 5,
             format!("{v} of {v2} steps failed"),
+        ),
+        Check::Restarts => (
+            v == 2 && u64::from(d.restarts) == v,
+            format!("guest saw {v} restarts, the hypervisor made {}", d.restarts),
         ),
         Check::Hostile => (
             v == 0 && v2 >= HOSTILE_MIN_CASES,

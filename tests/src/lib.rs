@@ -583,6 +583,36 @@ pub fn catalogue() -> Vec<Scenario> {
             full_only: false,
         },
         Scenario {
+            name: "restart",
+            about: "a domain that reboots is rebuilt from its config (on_reboot defaults to \
+                    restart, as in xl) twice, then powers off; a second domain runs on and all \
+                    memory comes back",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("rebooter", "test=reboot-twice"),
+                Domain::test_guest("testguest", "test=exits"),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "(d1) testguest: restarted 0 times".into(),
+                    "d1 (rebooter) shut down: reboot".into(),
+                    "d1 (rebooter) restarted (restart 1)".into(),
+                    "(d1) testguest: restarted 1 times".into(),
+                    "d1 (rebooter) restarted (restart 2)".into(),
+                    "(d1) testguest: restarted 2 times".into(),
+                    "d1 check restarts: PASS".into(),
+                    "d1 (rebooter) shut down: poweroff".into(),
+                    "all domain memory returned".into(),
+                    "all domains finished: 2 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+        },
+        Scenario {
             name: "hostile",
             about: "a guest passing garbage to hypercalls (bad pointers, sub-ops, lengths, \
                     vCPUs) gets Xen's error codes; it and a second domain run on",

@@ -84,6 +84,7 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
         b"triple-fault" => run_triple_fault(),
         b"spin" => run_spin(),
         b"hostile" => run_hostile(),
+        b"reboot-twice" => run_reboot_twice(),
         b"peer-a" => peer::run_a(peer_option(cmdline()).unwrap_or(2)),
         b"peer-b" => peer::run_b(peer_option(cmdline()).unwrap_or(1)),
         other => {
@@ -311,6 +312,21 @@ fn run_hostile() -> ! {
         }
     }
     report(Check::Hostile, bad, cases.len() as u64);
+    shutdown(hc::SHUTDOWN_POWEROFF)
+}
+
+/// The `test=reboot-twice` guest: reboots until the hypervisor has restarted it twice
+/// (its config says `on_reboot = "restart"`), then reports the count and powers off.
+fn run_reboot_twice() -> ! {
+    // SAFETY: the query takes plain values, no pointers.
+    let n = unsafe { arch::hypercall(ferro::TEST_HYPERCALL, ferro::QUERY_RESTARTS, 0, 0) };
+    let mut line = StackBuf::<64>::new();
+    let _ = writeln!(line, "testguest: restarted {n} times");
+    console_write_bytes(line.as_bytes());
+    if n < 2 {
+        shutdown(hc::SHUTDOWN_REBOOT)
+    }
+    report(Check::Restarts, n as u64, 0);
     shutdown(hc::SHUTDOWN_POWEROFF)
 }
 
