@@ -66,3 +66,186 @@ pub fn guest_output(domid: u16, bytes: &[u8]) {
         OPEN_LINE.store(if ends { 0 } else { id }, Ordering::Relaxed);
     }
 }
+
+/// Where typed input goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Focus {
+    /// A domain's console.
+    Domain(u16),
+    /// The hypervisor's debug keys.
+    Hypervisor,
+}
+
+/// What a typed byte means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Typed {
+    /// Input for that domain's console.
+    ToDomain(u16, u8),
+    /// A debug key for the hypervisor.
+    DebugKey(u8),
+    /// Three Ctrl-A in a row: the input focus moved.
+    Switched(Focus),
+}
+
+/// Console input switching, as Xen's: three Ctrl-A in a row move the input focus to
+/// the next domain, then to the hypervisor (whose keys are debug keys), then back to
+/// the first domain. A Ctrl-A not followed by two more is passed on.
+#[derive(Debug)]
+pub struct InputSwitch {
+    ctrl_a: u8,
+    focus: Option<Focus>,
+}
+
+impl Default for InputSwitch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const CTRL_A: u8 = 0x01;
+
+impl InputSwitch {
+    /// Input goes to the first domain until switched.
+    pub const fn new() -> InputSwitch {
+        InputSwitch {
+            ctrl_a: 0,
+            focus: None,
+        }
+    }
+
+    /// The current focus given the running `domains` (ids in order).
+    pub fn focus(&self, domains: &[u16]) -> Option<Focus> {
+        match self.focus {
+            Some(Focus::Domain(id)) if domains.contains(&id) => Some(Focus::Domain(id)),
+            Some(Focus::Hypervisor) => Some(Focus::Hypervisor),
+            _ => domains.first().map(|&id| Focus::Domain(id)),
+        }
+    }
+
+    /// Interprets one typed byte; may yield up to three results (held Ctrl-As
+    /// released by a byte that breaks the sequence).
+    pub fn feed(&mut self, b: u8, domains: &[u16]) -> heapless_vec::Out {
+        let mut out = heapless_vec::Out::default();
+        if b == CTRL_A {
+            self.ctrl_a += 1;
+            if self.ctrl_a == 3 {
+                self.ctrl_a = 0;
+                let next = match self.focus(domains) {
+                    Some(Focus::Domain(id)) => {
+                        let i = domains.iter().position(|&d| d == id).unwrap_or(0);
+                        domains
+                            .get(i + 1)
+                            .map_or(Focus::Hypervisor, |&d| Focus::Domain(d))
+                    }
+                    Some(Focus::Hypervisor) | None => domains
+                        .first()
+                        .map_or(Focus::Hypervisor, |&d| Focus::Domain(d)),
+                };
+                self.focus = Some(next);
+                out.push(Typed::Switched(next));
+            }
+            return out;
+        }
+        let held = core::mem::take(&mut self.ctrl_a);
+        let deliver = |c: u8, out: &mut heapless_vec::Out, f: Option<Focus>| match f {
+            Some(Focus::Domain(id)) => out.push(Typed::ToDomain(id, c)),
+            Some(Focus::Hypervisor) => out.push(Typed::DebugKey(c)),
+            None => {}
+        };
+        let f = self.focus(domains);
+        for _ in 0..held {
+            deliver(CTRL_A, &mut out, f);
+        }
+        deliver(b, &mut out, f);
+        out
+    }
+}
+
+/// A tiny fixed-capacity list for [`InputSwitch::feed`].
+pub mod heapless_vec {
+    use super::Typed;
+
+    /// Up to three results.
+    #[derive(Debug, Default)]
+    pub struct Out {
+        items: [Option<Typed>; 3],
+        len: usize,
+    }
+
+    impl Out {
+        pub(super) fn push(&mut self, t: Typed) {
+            if self.len < self.items.len() {
+                self.items[self.len] = Some(t);
+                self.len += 1;
+            }
+        }
+    }
+
+    impl Iterator for Out {
+        type Item = Typed;
+        fn next(&mut self) -> Option<Typed> {
+            let first = self.items.first_mut()?.take();
+            self.items.rotate_left(1);
+            first
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed_all(s: &mut InputSwitch, bytes: &[u8], doms: &[u16]) -> Vec<Typed> {
+        bytes.iter().flat_map(|&b| s.feed(b, doms)).collect()
+    }
+
+    #[test]
+    fn typing_goes_to_the_first_domain() {
+        let mut s = InputSwitch::new();
+        assert_eq!(
+            feed_all(&mut s, b"ls", &[1, 2]),
+            [Typed::ToDomain(1, b'l'), Typed::ToDomain(1, b's')]
+        );
+    }
+
+    #[test]
+    fn three_ctrl_a_cycle_domains_then_the_hypervisor() {
+        let mut s = InputSwitch::new();
+        let d = [1, 2];
+        assert_eq!(
+            feed_all(&mut s, &[1, 1, 1], &d),
+            [Typed::Switched(Focus::Domain(2))]
+        );
+        assert_eq!(feed_all(&mut s, b"x", &d), [Typed::ToDomain(2, b'x')]);
+        assert_eq!(
+            feed_all(&mut s, &[1, 1, 1], &d),
+            [Typed::Switched(Focus::Hypervisor)]
+        );
+        assert_eq!(feed_all(&mut s, b"h", &d), [Typed::DebugKey(b'h')]);
+        assert_eq!(
+            feed_all(&mut s, &[1, 1, 1], &d),
+            [Typed::Switched(Focus::Domain(1))]
+        );
+    }
+
+    #[test]
+    fn a_broken_sequence_passes_the_ctrl_a_on() {
+        let mut s = InputSwitch::new();
+        assert_eq!(
+            feed_all(&mut s, &[1, 1, b'c'], &[3]),
+            [
+                Typed::ToDomain(3, 1),
+                Typed::ToDomain(3, 1),
+                Typed::ToDomain(3, b'c')
+            ]
+        );
+    }
+
+    #[test]
+    fn focus_falls_back_when_the_domain_is_gone() {
+        let mut s = InputSwitch::new();
+        feed_all(&mut s, &[1, 1, 1], &[1, 2]);
+        assert_eq!(s.focus(&[1]), Some(Focus::Domain(1)));
+        assert_eq!(s.focus(&[]), None);
+    }
+}

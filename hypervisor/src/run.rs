@@ -15,6 +15,7 @@ use abi::hypercall::{shutdown_reason_name, SHUTDOWN_POWEROFF};
 use crate::arch::lapic;
 use crate::arch::svm::SvmCpu;
 use crate::config::Action;
+use crate::console::{Focus, InputSwitch, Typed};
 use crate::domain::{BuildError, Domain, DomainEnd};
 use crate::exits::{self, Flow};
 use crate::time;
@@ -87,6 +88,7 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     // Domains that ended while others still map their grants: their memory stays until
     // the last mapping is gone (as Xen keeps granted pages alive).
     let mut zombies: Vec<Domain> = Vec::new();
+    let mut input = InputSwitch::new();
     // Domains whose config says `preserve`: kept, not run, released at the end.
     let mut preserved: Vec<Domain> = Vec::new();
 
@@ -99,7 +101,7 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
         .saturating_sub(1);
     while !domains.is_empty() {
         fire_timers(&mut domains);
-        service_consoles(&mut domains);
+        service_consoles(&mut domains, &grants, &mut input);
         let Some((di, vi)) = pick(&mut domains, &mut cursor) else {
             idle(&domains);
             continue;
@@ -194,29 +196,86 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
 }
 
 /// Moves console output of every domain to the serial line, and typed input to the
-/// first domain's console (the one with the input focus).
-fn service_consoles(domains: &mut [Domain]) {
+/// domain with the input focus (three Ctrl-A in a row switch it, the hypervisor's debug
+/// keys included).
+fn service_consoles(domains: &mut [Domain], grants: &grant::GrantEngine, input: &mut InputSwitch) {
     for d in domains.iter_mut() {
         if d.core.service_console() {
             d.core.notify_console();
         }
     }
-    let mut typed = [0u8; 64];
-    let mut n = 0;
-    while n < typed.len() {
-        match crate::console::read_byte() {
-            Some(b) => {
-                typed[n] = b;
-                n += 1;
+    let ids: Vec<u16> = domains.iter().map(|d| d.core.id).collect();
+    for _ in 0..64 {
+        let Some(b) = crate::console::read_byte() else {
+            break;
+        };
+        for t in input.feed(b, &ids) {
+            match t {
+                Typed::ToDomain(id, c) => {
+                    if let Some(d) = domains.iter_mut().find(|d| d.core.id == id) {
+                        d.core.console_input(&[c]);
+                        d.core.notify_console();
+                    }
+                }
+                Typed::Switched(Focus::Domain(id)) => {
+                    log::info!("console input now goes to d{id} (Ctrl-A three times to switch)")
+                }
+                Typed::Switched(Focus::Hypervisor) => {
+                    log::info!("console input now goes to the hypervisor: press 'h' for debug keys")
+                }
+                Typed::DebugKey(k) => debug_key(k, domains, grants),
             }
-            None => break,
         }
     }
-    if n > 0 {
-        if let Some(d) = domains.first_mut() {
-            d.core.console_input(&typed[..n]);
-            d.core.notify_console();
+}
+
+/// The hypervisor's debug keys (as Xen's): state dumps on the console.
+fn debug_key(key: u8, domains: &[Domain], grants: &grant::GrantEngine) {
+    match key {
+        b'd' => {
+            for d in domains {
+                let c = &d.core;
+                log::info!("d{} ({}): {} MiB, {} vCPU(s), restarted {} times", c.id, c.name(), c.config.memory_mib, d.vcpus.len(), c.restarts);
+                for (v, cpu) in d.vcpus.iter().enumerate() {
+                    let s = &c.xen.vcpus[v];
+                    log::info!("  vcpu{v}: {:?}, rip {:#x}, next timer {:?}", s.state, cpu.rip(), s.next_deadline());
+                }
+            }
         }
+        b'e' => {
+            for d in domains {
+                let c = &d.core;
+                log::info!(
+                    "d{} event channels: {} ports, {} ABI, {:?}",
+                    c.id,
+                    c.evtchn.active_ports(),
+                    if c.fifo.is_some() { "FIFO" } else { "2-level" },
+                    c.evtchn.counters()
+                );
+            }
+        }
+        b'g' => {
+            log::info!("grants (all domains): {:?}", grants.counters());
+            for d in domains {
+                if let Some(g) = grants.domain_counters(d.core.id) {
+                    log::info!("d{} grants: {:?}", d.core.id, g);
+                }
+            }
+        }
+        b'c' => {
+            for d in domains {
+                let c = &d.core.counters;
+                log::info!(
+                    "d{} exits: hypercall {} cpuid {} io {} msr {} npf {} hlt {} xsetbv {} intr {} other {}",
+                    d.core.id, c.exits[0], c.exits[1], c.exits[2], c.exits[3], c.exits[4], c.exits[5], c.exits[6], c.exits[7], c.exits[8]
+                );
+                log::info!("d{} hypercalls by number: {:?}", d.core.id, c.hypercalls);
+            }
+        }
+        b'm' => log::info!("free memory: {} frames ({} MiB)", crate::frames::free_count(), crate::frames::free_count() >> 8),
+        _ => log::info!(
+            "debug keys: d domains and vCPUs, e event channels, g grants, c exit and hypercall counters, m free memory, h this help; Ctrl-A three times leaves"
+        ),
     }
 }
 
