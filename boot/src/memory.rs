@@ -107,9 +107,10 @@ pub fn init(bi: &BootInfo) -> Result<(u64, u64), MemError> {
         }
     }
     let at = place.ok_or(MemError::BitmapDoesNotFit(bytes))?;
-    // SAFETY: [at, at+bytes) is RAM (from the memory map), identity-mapped by the boot
-    // page tables (below 4 GiB on every machine we boot: it is the first fit above 1
-    // MiB) and overlaps nothing reserved; it is owned by the allocator from here on.
+    // [at, at+bytes) is the first fit above 1 MiB, so below 4 GiB: identity-mapped by
+    // the boot page tables.
+    // SAFETY: it is RAM (from the memory map) that overlaps nothing reserved, owned by
+    // the allocator from here on.
     let bits: &'static mut [u64] =
         unsafe { core::slice::from_raw_parts_mut(at as *mut u64, words) };
     let mut fa = FrameAllocator::new(bits, nframes);

@@ -65,11 +65,12 @@ pub fn try_rdmsr(msr: u32) -> Result<u64, u8> {
     FAULT_VECTOR.store(NO_FAULT, Ordering::SeqCst);
     let lo: u32;
     let hi: u32;
-    // SAFETY: reading an MSR has no side effects on memory. If it faults, the exception
-    // handler sees the non-zero FAULT_RECOVERY_RIP (set by the first two instructions),
-    // clears it and returns to label 2 inside this same asm block, with every register
-    // the block declares as output merely holding an unspecified value. The block is
-    // not `nomem`, so the compiler assumes it writes the two statics.
+    // If rdmsr faults, the exception handler sees the non-zero FAULT_RECOVERY_RIP (set
+    // by the first two instructions), clears it and returns to label 2 inside this same
+    // asm block, with every register the block declares as output merely holding an
+    // unspecified value. The block is not `nomem`, so the compiler assumes it writes
+    // the two statics.
+    // SAFETY: reading an MSR has no side effects on memory; a fault resumes as above.
     unsafe {
         asm!(
             "lea {tmp}, [rip + 2f]",
