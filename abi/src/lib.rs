@@ -35,3 +35,5 @@ pub const XEN_VERSION_MINOR: u32 = 17;
 /// `XenVMMXenVMM`, the hypervisor signature returned in CPUID leaf 0x40000000
 /// (ebx, ecx, edx).
 pub const XEN_CPUID_SIGNATURE: [u32; 3] = [0x566e_6558, 0x65584d4d, 0x4d4d566e];
+
+pub mod xs_wire;

@@ -76,6 +76,10 @@ pub struct DomainCore {
     pub ramdisk: Option<(u64, u64, u64)>,
     /// Guest-physical address of the console ring (`struct xencons_interface`).
     pub console_ring: u64,
+    /// Guest-physical address of the xenstore ring (`struct xenstore_domain_interface`).
+    pub store_ring: u64,
+    /// The guest signalled its xenstore port: the ring needs service.
+    pub store_kicked: bool,
     /// The guest's E820 memory map: (address, size, type).
     pub e820: Vec<(u64, u64, u32)>,
     /// How many times this domain was restarted (`on_reboot`/`on_crash = "restart"`).
@@ -174,6 +178,8 @@ impl core::fmt::Display for BuildError {
 pub const SPECIAL_AREA: u64 = 64 * 1024;
 /// Offset of the console ring page in the special area.
 pub const CONSOLE_PAGE_OFFSET: u64 = 0xe000;
+/// Offset of the xenstore ring page in the special area.
+pub const STORE_PAGE_OFFSET: u64 = 0xf000;
 
 fn page_up(x: u64) -> u64 {
     x.next_multiple_of(4096)
@@ -384,6 +390,12 @@ impl Domain {
             .alloc_unbound_for_hypervisor()
             .map_err(|_| BuildError::Paging(String::from("no event channel for the console")))?;
         xen.params[crate::xen::param::CONSOLE_EVTCHN as usize] = u64::from(console_port);
+        let store_gpa = ram_end + STORE_PAGE_OFFSET;
+        let store_port = evtchn
+            .alloc_unbound_for_hypervisor()
+            .map_err(|_| BuildError::Paging(String::from("no event channel for xenstore")))?;
+        xen.params[crate::xen::param::STORE_PFN as usize] = store_gpa >> 12;
+        xen.params[crate::xen::param::STORE_EVTCHN as usize] = u64::from(store_port);
         let entry = PvhEntry {
             entry: plan.entry,
             start_info: info_gpa,
@@ -422,6 +434,8 @@ impl Domain {
                 tlb_flush_needed: false,
                 restarts: 0,
                 console_ring: console_gpa,
+                store_ring: store_gpa,
+                store_kicked: true,
                 e820: memmap.iter().map(|e| (e.addr, e.size, e.type_)).collect(),
                 logged: BTreeSet::new(),
             },
@@ -717,6 +731,43 @@ impl DomainCore {
                     log::warn!("d{}: NMI IPIs are not delivered (logged once)", self.id);
                 }
             }
+        }
+    }
+
+    /// The guest's xenstore port (the hypervisor end of it).
+    pub fn store_port(&self) -> u32 {
+        self.xen.params[crate::xen::param::STORE_EVTCHN as usize] as u32
+    }
+
+    /// Serves the xenstore ring: a copy of the page goes to the engine once, the
+    /// engine's answer is written back field by field, and the guest is signalled when
+    /// the engine asks for it.
+    pub fn service_store(&mut self, xs: &mut crate::xenstore::Xenstore) {
+        self.store_kicked = false;
+        let mut page = [0u8; 4096];
+        if !self.mem.read(self.store_ring, &mut page) {
+            return;
+        }
+        let snap = crate::xenstore::RingSnapshot::from_page(&page);
+        let update = xs.service_ring(self.id, &snap);
+        for (off, bytes) in update.page_writes() {
+            self.mem.write(self.store_ring + off as u64, &bytes);
+        }
+        if update.notify {
+            let port = self.store_port();
+            self.raise_port(port);
+        }
+    }
+
+    /// The layout the toolstack writes for this domain in xenstore.
+    pub fn store_layout(&self) -> crate::xenstore::DomainLayout {
+        crate::xenstore::DomainLayout {
+            name: self.config.name.clone(),
+            target_kib: self.config.memory_mib * 1024,
+            static_max_kib: self.config.memory_mib * 1024,
+            vcpus: self.xen.vcpus.len() as u32,
+            store_port: self.store_port(),
+            store_ring_ref: self.store_ring >> 12,
         }
     }
 

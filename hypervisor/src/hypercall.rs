@@ -681,6 +681,9 @@ fn event_channel_op(
                     if p == port && d.service_console() {
                         d.notify_console();
                     }
+                    if p == d.store_port() {
+                        d.store_kicked = true; // served by the scheduler after this exit
+                    }
                     0
                 }
                 Ok(Delivery::Dropped) => 0,
@@ -828,9 +831,12 @@ fn event_channel_op(
             let _ = d.evtchn_op(|ch, m| ch.reset(m));
             d.fifo = None; // EVTCHNOP_reset returns the domain to the 2-level ABI
 
-            // the console is the hypervisor's: give it a port again
+            // the console and xenstore ends are the hypervisor's: give them ports again
             if let Ok(p) = d.evtchn.alloc_unbound_for_hypervisor() {
                 d.xen.params[param::CONSOLE_EVTCHN as usize] = u64::from(p);
+            }
+            if let Ok(p) = d.evtchn.alloc_unbound_for_hypervisor() {
+                d.xen.params[param::STORE_EVTCHN as usize] = u64::from(p);
             }
             let _ = vcpu;
             0

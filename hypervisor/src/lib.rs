@@ -37,3 +37,4 @@ pub mod time;
 pub mod vcpu;
 pub mod vlapic;
 pub mod xen;
+pub mod xenstore;

@@ -56,6 +56,14 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
 
     let free_before = crate::frames::free_count();
     let mut grants = grant::GrantEngine::new();
+    let mut xs = crate::xenstore::Xenstore::new();
+    // what a toolstack creates at boot: the parent of every domain's home
+    let home = crate::xenstore::Op::Mkdir {
+        path: String::from("/local/domain"),
+    };
+    xs.request(crate::xenstore::PRIV_DOMID, 0, &home)
+        .map_err(|e| format!("xenstore: cannot create /local/domain: {e:?}"))?;
+    let xs_entries_before = xs.total_entries();
     let mut domains = Vec::new();
     for (i, (path, data)) in cfgs.iter().enumerate() {
         let text = core::str::from_utf8(data)
@@ -67,7 +75,7 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
         }
         let name = config.name.clone();
         let id = (i + 1) as u16;
-        let d = Domain::build(id, config, bundle, cpu).map_err(|e| match e {
+        let mut d = Domain::build(id, config, bundle, cpu).map_err(|e| match e {
             BuildError::Kernel { path, error } => {
                 format!("kernel '{path}' of domain '{name}' {error}")
             }
@@ -83,6 +91,7 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
                 &mut crate::grant_glue::FramesOnly,
             )
             .map_err(|e| format!("domain '{name}': no grant table: {e:?}"))?;
+        introduce(&mut xs, &mut d).map_err(|e| format!("domain '{name}': xenstore: {e:?}"))?;
         domains.push(d);
     }
     // Domains that ended while others still map their grants: their memory stays until
@@ -102,6 +111,7 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     while !domains.is_empty() {
         fire_timers(&mut domains);
         service_consoles(&mut domains, &grants, &mut input);
+        service_stores(&mut domains, &mut xs);
         let Some((di, vi)) = pick(&mut domains, &mut cursor) else {
             idle(&domains);
             continue;
@@ -123,6 +133,16 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
             );
             close_interdomain(&mut d, &mut domains);
             let id = d.core.id;
+            let n = xs.counts(id);
+            log::info!(
+                "d{id} xenstore: {} nodes, {} watches, {} transactions open at the end",
+                n.entries,
+                n.watches,
+                n.transactions
+            );
+            if let Err(e) = xs.release(id) {
+                log::warn!("d{id}: xenstore release: {e:?}");
+            }
             if let Some(g) = grants.domain_counters(id) {
                 log::info!(
                     "d{id} grants: {} maps, {} unmaps, {} copies ({} bytes), {} mappings live at the end",
@@ -169,6 +189,8 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
                     )
                     .map_err(|e| format!("restarting domain '{name}': no grant table: {e:?}"))?;
                 log::info!("d{id} ({name}) restarted (restart {})", restarts + 1);
+                introduce(&mut xs, &mut fresh)
+                    .map_err(|e| format!("restarting domain '{name}': xenstore: {e:?}"))?;
                 domains.push(fresh);
             }
             let mut i = 0;
@@ -184,6 +206,13 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     // every mapper has ended, so every table is free now
     for z in zombies.drain(..).chain(preserved.drain(..)) {
         z.destroy();
+    }
+    let xs_entries_after = xs.total_entries();
+    if xs_entries_after == xs_entries_before {
+        log::info!("xenstore back to {xs_entries_after} entries");
+    } else {
+        log::error!("xenstore leak: {xs_entries_before} entries before the domains, {xs_entries_after} after");
+        outcome.failed += 1;
     }
     let free_after = crate::frames::free_count();
     if free_after == free_before {
@@ -435,6 +464,9 @@ fn run_slice(
         if core.xen.vcpus[vi].state != RunState::Runnable {
             break; // blocked, polling or down
         }
+        if core.store_kicked {
+            break; // let the scheduler serve xenstore now
+        }
         if core.xen.vcpus[vi]
             .next_deadline()
             .is_some_and(|t| t <= time::now_ns())
@@ -451,6 +483,31 @@ fn run_slice(
     xen::runstate_change(s, new, time::now_ns());
     xen::write_runstate(core, v, cpu);
     None
+}
+
+/// Writes a new domain's xenstore home as the toolstack does and introduces it.
+fn introduce(
+    xs: &mut crate::xenstore::Xenstore,
+    d: &mut Domain,
+) -> Result<(), crate::xenstore::XsError> {
+    let c = &mut d.core;
+    // the ring's server_features field tells the guest what this xenstore supports
+    let features = crate::xenstore::SERVER_FEATURES.to_le_bytes();
+    let at = c.store_ring + abi::xs_wire::XS_RING_SERVER_FEATURES_OFFSET as u64;
+    c.mem.write(at, &features);
+    xs.populate_domain(c.id, &c.store_layout())?;
+    xs.introduce(c.id, (c.store_ring >> 12) as i64, c.store_port())
+}
+
+/// Serves the xenstore rings of domains that signalled their port or have watch
+/// events waiting.
+fn service_stores(domains: &mut [Domain], xs: &mut crate::xenstore::Xenstore) {
+    let dirty = xs.take_dirty();
+    for d in domains.iter_mut() {
+        if d.core.store_kicked || dirty.contains(&d.core.id) {
+            d.core.service_store(xs);
+        }
+    }
 }
 
 /// What the domain's config says to do after `end` (xl's on_poweroff, on_reboot,

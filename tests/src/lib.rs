@@ -510,7 +510,10 @@ pub fn catalogue() -> Vec<Scenario> {
                     format!("smp: Brought up 1 node, {LINUX_BOOT_VCPUS} CPUs").into(),
                     "clocksource: Switched to clocksource xen".into(),
                     Line::Exact(format!("{EXIT_MARKER} 0")),
+                    // xenbus talked to the embedded xenstore (watches were registered)
+                    "d1 xenstore: ".into(),
                     "(linux) shut down: poweroff".into(),
+                    "xenstore back to ".into(),
                 ],
                 forbidden: strings(&["PANIC", "EXCEPTION", "FATAL", "Kernel panic"]),
             },
@@ -896,7 +899,10 @@ mod tests {
                       (d1) [    4.4] xen:events: Xen HVM callback vector for event delivery is enabled\n\
                       (d1) [    4.7] smp: Brought up 1 node, 2 CPUs\n\
                       (d1) [    4.6] clocksource: Switched to clocksource xen\n\
-                      (d1) FERRO-EXIT 0\n(HV) d1 (linux) shut down: poweroff\n";
+                      (d1) FERRO-EXIT 0\n\
+                      (HV) d1 xenstore: 11 nodes, 6 watches, 0 transactions open at the end\n\
+                      (HV) d1 (linux) shut down: poweroff\n\
+                      (HV) xenstore back to 7 entries\n";
         assert_eq!(judge(&e, Some(STATUS_OK), serial), Ok(()));
         let err = judge(&s.expect, Some(STATUS_OK), serial).unwrap_err();
         assert!(err.contains(LINUX_RELEASE), "unresolved placeholder: {err}");

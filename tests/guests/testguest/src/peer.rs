@@ -2,8 +2,8 @@
 //! signal each other over an interdomain event channel.
 //!
 //! A (domid 1) grants ref [`GREF`] on one page to B, allocates an unbound port for B,
-//! and waits. B binds to that port (A's first allocated port, 2: port 1 is the
-//! console's), maps the grant, checks A's pattern, writes its own, unmaps, and
+//! and waits. B binds to that port (A's first allocated port, 3: ports 1 and 2 are
+//! the console's and xenstore's), maps the grant, checks A's pattern, writes its own, unmaps, and
 //! notifies A. A checks B's pattern, ends the grant, and notifies B. B maps again:
 //! the map must fail with `GNTST_general_error`, as Xen answers for an entry that no
 //! longer permits access, and tells A, which has waited for that. Each side reports its
@@ -19,8 +19,9 @@ use crate::{arch, console_write, console_write_bytes, report, shutdown, StackBuf
 
 /// The grant reference A uses.
 pub const GREF: u32 = 8;
-/// A's first allocated event-channel port.
-pub const A_PORT: u32 = 2;
+/// A's first allocated event-channel port (ports 1 and 2 are the console's and
+/// xenstore's, which the hypervisor allocates when it builds the domain).
+pub const A_PORT: u32 = 3;
 
 const DOMID_SELF: u16 = 0x7ff0;
 const GNTTABOP_MAP_GRANT_REF: u64 = 0;
