@@ -15,58 +15,6 @@ use crate::vcpu::GuestCpu;
 /// Frame access and allocation only: what creating a domain's grant table needs.
 pub struct FramesOnly;
 
-impl GrantMemory for FramesOnly {
-    fn load_u16(&self, mfn: u64, offset: usize) -> u16 {
-        GrantFrames.load_u16(mfn, offset)
-    }
-    fn load_u32(&self, mfn: u64, offset: usize) -> u32 {
-        GrantFrames.load_u32(mfn, offset)
-    }
-    fn load_u64(&self, mfn: u64, offset: usize) -> u64 {
-        GrantFrames.load_u64(mfn, offset)
-    }
-    fn cmpxchg_u32(&mut self, mfn: u64, offset: usize, old: u32, new: u32) -> u32 {
-        GrantFrames.cmpxchg_u32(mfn, offset, old, new)
-    }
-    fn or_u16(&mut self, mfn: u64, offset: usize, bits: u16) {
-        GrantFrames.or_u16(mfn, offset, bits)
-    }
-    fn and_u16(&mut self, mfn: u64, offset: usize, mask: u16) {
-        GrantFrames.and_u16(mfn, offset, mask)
-    }
-    fn store_u16(&mut self, mfn: u64, offset: usize, v: u16) {
-        GrantFrames.store_u16(mfn, offset, v)
-    }
-    fn store_u32(&mut self, mfn: u64, offset: usize, v: u32) {
-        GrantFrames.store_u32(mfn, offset, v)
-    }
-    fn store_u64(&mut self, mfn: u64, offset: usize, v: u64) {
-        GrantFrames.store_u64(mfn, offset, v)
-    }
-    fn zero_frame(&mut self, mfn: u64) {
-        GrantFrames.zero_frame(mfn)
-    }
-    fn copy_bytes(
-        &mut self,
-        dst_mfn: u64,
-        dst_off: usize,
-        src_mfn: u64,
-        src_off: usize,
-        len: usize,
-    ) {
-        GrantFrames.copy_bytes(dst_mfn, dst_off, src_mfn, src_off, len)
-    }
-}
-
-impl FrameAlloc for FramesOnly {
-    fn alloc_frame(&mut self) -> Option<u64> {
-        crate::frames::alloc(1, 1).map(|hpa| hpa >> 12)
-    }
-    fn free_frame(&mut self, mfn: u64) {
-        crate::frames::free(mfn << 12, 1);
-    }
-}
-
 /// The grant table every domain gets: Xen's defaults (64 frames, 1024 maptrack
 /// frames), versions 1 and 2, translated.
 pub fn domain_config() -> grant::DomainConfig {
@@ -106,57 +54,66 @@ impl Host<'_, '_> {
     }
 }
 
-impl GrantMemory for Host<'_, '_> {
-    fn load_u16(&self, mfn: u64, offset: usize) -> u16 {
-        GrantFrames.load_u16(mfn, offset)
-    }
-    fn load_u32(&self, mfn: u64, offset: usize) -> u32 {
-        GrantFrames.load_u32(mfn, offset)
-    }
-    fn load_u64(&self, mfn: u64, offset: usize) -> u64 {
-        GrantFrames.load_u64(mfn, offset)
-    }
-    fn cmpxchg_u32(&mut self, mfn: u64, offset: usize, old: u32, new: u32) -> u32 {
-        GrantFrames.cmpxchg_u32(mfn, offset, old, new)
-    }
-    fn or_u16(&mut self, mfn: u64, offset: usize, bits: u16) {
-        GrantFrames.or_u16(mfn, offset, bits)
-    }
-    fn and_u16(&mut self, mfn: u64, offset: usize, mask: u16) {
-        GrantFrames.and_u16(mfn, offset, mask)
-    }
-    fn store_u16(&mut self, mfn: u64, offset: usize, v: u16) {
-        GrantFrames.store_u16(mfn, offset, v)
-    }
-    fn store_u32(&mut self, mfn: u64, offset: usize, v: u32) {
-        GrantFrames.store_u32(mfn, offset, v)
-    }
-    fn store_u64(&mut self, mfn: u64, offset: usize, v: u64) {
-        GrantFrames.store_u64(mfn, offset, v)
-    }
-    fn zero_frame(&mut self, mfn: u64) {
-        GrantFrames.zero_frame(mfn)
-    }
-    fn copy_bytes(
-        &mut self,
-        dst_mfn: u64,
-        dst_off: usize,
-        src_mfn: u64,
-        src_off: usize,
-        len: usize,
-    ) {
-        GrantFrames.copy_bytes(dst_mfn, dst_off, src_mfn, src_off, len)
-    }
+/// Frame access and allocation are the same for every host here: machine frames
+/// through the identity map ([`GrantFrames`]) and the machine's frame allocator.
+macro_rules! frames_host {
+    ($t:ty) => {
+        impl GrantMemory for $t {
+            fn load_u16(&self, mfn: u64, offset: usize) -> u16 {
+                GrantFrames.load_u16(mfn, offset)
+            }
+            fn load_u32(&self, mfn: u64, offset: usize) -> u32 {
+                GrantFrames.load_u32(mfn, offset)
+            }
+            fn load_u64(&self, mfn: u64, offset: usize) -> u64 {
+                GrantFrames.load_u64(mfn, offset)
+            }
+            fn cmpxchg_u32(&mut self, mfn: u64, offset: usize, old: u32, new: u32) -> u32 {
+                GrantFrames.cmpxchg_u32(mfn, offset, old, new)
+            }
+            fn or_u16(&mut self, mfn: u64, offset: usize, bits: u16) {
+                GrantFrames.or_u16(mfn, offset, bits)
+            }
+            fn and_u16(&mut self, mfn: u64, offset: usize, mask: u16) {
+                GrantFrames.and_u16(mfn, offset, mask)
+            }
+            fn store_u16(&mut self, mfn: u64, offset: usize, v: u16) {
+                GrantFrames.store_u16(mfn, offset, v)
+            }
+            fn store_u32(&mut self, mfn: u64, offset: usize, v: u32) {
+                GrantFrames.store_u32(mfn, offset, v)
+            }
+            fn store_u64(&mut self, mfn: u64, offset: usize, v: u64) {
+                GrantFrames.store_u64(mfn, offset, v)
+            }
+            fn zero_frame(&mut self, mfn: u64) {
+                GrantFrames.zero_frame(mfn)
+            }
+            fn copy_bytes(
+                &mut self,
+                dst_mfn: u64,
+                dst_off: usize,
+                src_mfn: u64,
+                src_off: usize,
+                len: usize,
+            ) {
+                GrantFrames.copy_bytes(dst_mfn, dst_off, src_mfn, src_off, len)
+            }
+        }
+
+        impl FrameAlloc for $t {
+            fn alloc_frame(&mut self) -> Option<u64> {
+                crate::frames::alloc(1, 1).map(|hpa| hpa >> 12)
+            }
+            fn free_frame(&mut self, mfn: u64) {
+                crate::frames::free(mfn << 12, 1);
+            }
+        }
+    };
 }
 
-impl FrameAlloc for Host<'_, '_> {
-    fn alloc_frame(&mut self) -> Option<u64> {
-        crate::frames::alloc(1, 1).map(|hpa| hpa >> 12)
-    }
-    fn free_frame(&mut self, mfn: u64) {
-        crate::frames::free(mfn << 12, 1);
-    }
-}
+frames_host!(FramesOnly);
+frames_host!(Host<'_, '_>);
 
 impl MapHost for Host<'_, '_> {
     fn translate(&mut self, dom: DomId, gfn: u64, _writable: bool) -> Result<u64, GntSt> {
