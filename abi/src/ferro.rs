@@ -79,7 +79,8 @@ pub enum Check {
     PeerA = 13,
     /// `test=peer-b`: failed steps (value) of how many (value2).
     PeerB = 14,
-    /// `test=reboot-twice`: the restart count the guest read (value) once it reached 2.
+    /// `test=reboot-twice` / `test=reboot-cycles`: the restart count the guest read
+    /// (value) once it reached its goal (at least 2).
     Restarts = 15,
 }
 

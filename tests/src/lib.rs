@@ -616,6 +616,33 @@ pub fn catalogue() -> Vec<Scenario> {
             full_only: false,
         },
         Scenario {
+            name: "create-destroy-100",
+            about: "a small guest reboots and is rebuilt 100 times: frames, grant tables, \
+                    event channels and xenstore nodes end where they started",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![Domain {
+                memory_mib: 16,
+                ..Domain::test_guest("cycler", "test=reboot-cycles count=100")
+            }],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "d1 (cycler) restarted (restart 1)".into(),
+                    "d1 (cycler) restarted (restart 100)".into(),
+                    "(d1) testguest: restarted 100 times".into(),
+                    "d1 check restarts: PASS".into(),
+                    "d1 (cycler) shut down: poweroff".into(),
+                    "xenstore back to ".into(),
+                    "all domain memory returned".into(),
+                    "all domains finished: 1 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "leak"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+        },
+        Scenario {
             name: "hostile",
             about: "a guest passing garbage to hypercalls (bad pointers, sub-ops, lengths, \
                     vCPUs) gets Xen's error codes; it and a second domain run on",

@@ -261,7 +261,8 @@ impl Op {
             | Op::Rm { path } => s(path.as_bytes()),
             Op::DirectoryPart { path, offset } => {
                 s(path.as_bytes());
-                s(format!("{offset}").as_bytes());
+                // sent as the signed value xenstored's atoi reads back
+                s(format!("{}", *offset as i32).as_bytes());
             }
             Op::Watch { path, token } | Op::Unwatch { path, token } => {
                 s(path.as_bytes());

@@ -84,7 +84,8 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
         b"triple-fault" => run_triple_fault(),
         b"spin" => run_spin(),
         b"hostile" => run_hostile(),
-        b"reboot-twice" => run_reboot_twice(),
+        b"reboot-twice" => run_reboot_n(2),
+        b"reboot-cycles" => run_reboot_n(count_option(cmdline()).unwrap_or(100)),
         b"peer-a" => peer::run_a(peer_option(cmdline()).unwrap_or(2)),
         b"peer-b" => peer::run_b(peer_option(cmdline()).unwrap_or(1)),
         other => {
@@ -315,15 +316,24 @@ fn run_hostile() -> ! {
     shutdown(hc::SHUTDOWN_POWEROFF)
 }
 
-/// The `test=reboot-twice` guest: reboots until the hypervisor has restarted it twice
-/// (its config says `on_reboot = "restart"`), then reports the count and powers off.
-fn run_reboot_twice() -> ! {
+/// `count=N`: how many restarts `test=reboot-cycles` asks for.
+fn count_option(cmdline: &[u8]) -> Option<i64> {
+    let v = cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .find_map(|word| word.strip_prefix(b"count="))?;
+    core::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// The `test=reboot-twice` / `test=reboot-cycles` guest: reboots until the hypervisor
+/// has restarted it `want` times (its config says `on_reboot = "restart"`), then
+/// reports the count and powers off.
+fn run_reboot_n(want: i64) -> ! {
     // SAFETY: the query takes plain values, no pointers.
     let n = unsafe { arch::hypercall(ferro::TEST_HYPERCALL, ferro::QUERY_RESTARTS, 0, 0) };
     let mut line = StackBuf::<64>::new();
     let _ = writeln!(line, "testguest: restarted {n} times");
     console_write_bytes(line.as_bytes());
-    if n < 2 {
+    if n < want {
         shutdown(hc::SHUTDOWN_REBOOT)
     }
     report(Check::Restarts, n as u64, 0);
