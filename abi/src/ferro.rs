@@ -82,6 +82,9 @@ pub enum Check {
     /// `test=reboot-twice` / `test=reboot-cycles`: the restart count the guest read
     /// (value) once it reached its goal (at least 2).
     Restarts = 15,
+    /// `test=xenstore`: FNV-1a of the guest's `name` node as it read it (value); 1 if
+    /// writing `data/ferro` and reading it back worked (value2).
+    Xenstore = 16,
 }
 
 impl Check {
@@ -100,12 +103,13 @@ impl Check {
     ];
 
     /// Checks reported only when their subject exists (a ramdisk).
-    pub const OPTIONAL: [Check; 5] = [
+    pub const OPTIONAL: [Check; 6] = [
         Check::Ramdisk,
         Check::Hostile,
         Check::PeerA,
         Check::PeerB,
         Check::Restarts,
+        Check::Xenstore,
     ];
 
     /// The check for a report's `rdi`.
@@ -134,6 +138,7 @@ impl Check {
             Check::PeerA => "peer-a",
             Check::PeerB => "peer-b",
             Check::Restarts => "restarts",
+            Check::Xenstore => "xenstore",
         }
     }
 }

@@ -114,6 +114,16 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
             v == 0 && v2 >= 5,
             format!("{v} of {v2} steps failed"),
         ),
+        Check::Xenstore => {
+            let want = ferro::fnv1a64(d.config.name.as_bytes());
+            (
+                v == want && v2 == 1,
+                format!(
+                    "guest read its name with FNV-1a {v:#x} (expected {want:#x}); wrote and read back data/ferro: {}",
+                    v2 == 1
+                ),
+            )
+        }
         Check::Restarts => (
             v >= 2 && u64::from(d.restarts) == v,
             format!("guest saw {v} restarts, the hypervisor made {}", d.restarts),

@@ -643,6 +643,29 @@ pub fn catalogue() -> Vec<Scenario> {
             full_only: false,
         },
         Scenario {
+            name: "xenstore",
+            about: "a test guest finds its xenstore ring through HVM parameters, writes and \
+                    reads back a node under its home and reads its own name, as xenbus does",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![Domain {
+                memory_mib: 16,
+                ..Domain::test_guest("xsguest", "test=xenstore")
+            }],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "(d1) testguest: xenstore: write true, read back true".into(),
+                    "d1 check xenstore: PASS".into(),
+                    "xenstore back to ".into(),
+                    "all domains finished: 1 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "leak"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+        },
+        Scenario {
             name: "hostile",
             about: "a guest passing garbage to hypercalls (bad pointers, sub-ops, lengths, \
                     vCPUs) gets Xen's error codes; it and a second domain run on",

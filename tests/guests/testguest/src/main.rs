@@ -16,6 +16,7 @@ mod boot;
 mod idt;
 mod peer;
 mod rt;
+mod xs;
 
 use core::arch::x86_64::__cpuid;
 use core::fmt::Write;
@@ -85,6 +86,7 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
         b"spin" => run_spin(),
         b"hostile" => run_hostile(),
         b"reboot-twice" => run_reboot_n(2),
+        b"xenstore" => xs::run(),
         b"reboot-cycles" => run_reboot_n(count_option(cmdline()).unwrap_or(100)),
         b"peer-a" => peer::run_a(peer_option(cmdline()).unwrap_or(2)),
         b"peer-b" => peer::run_b(peer_option(cmdline()).unwrap_or(1)),

@@ -71,7 +71,7 @@ static SLOT: Page = Page::new();
 static SHINFO: Page = Page::new();
 
 /// Places shared_info at [`SHINFO`].
-fn map_shared_info() -> i64 {
+pub fn map_shared_info() -> i64 {
     let mut xatp = [0u8; 24];
     xatp[0..2].copy_from_slice(&DOMID_SELF.to_le_bytes());
     xatp[16..24].copy_from_slice(&(SHINFO.addr() >> 12).to_le_bytes());
@@ -85,7 +85,7 @@ fn map_shared_info() -> i64 {
 
 /// Clears `port`'s bit in shared_info's `evtchn_pending` (2-level), as a guest's
 /// event handler does before looking at what the event means.
-fn clear_pending(port: u32) {
+pub fn clear_pending(port: u32) {
     let byte = 2048 + (port / 8) as usize;
     SHINFO.0[byte].fetch_and(!(1u8 << (port % 8)), Ordering::SeqCst);
 }
@@ -140,7 +140,7 @@ fn evtchn_send(port: u32) -> i64 {
 }
 
 /// Blocks until `port` is pending (SCHEDOP_poll; no timeout).
-fn poll(port: u32) -> i64 {
+pub fn poll(port: u32) -> i64 {
     let ports = [port];
     let mut a = [0u8; 24];
     a[0..8].copy_from_slice(&(ports.as_ptr() as u64).to_le_bytes());
