@@ -353,7 +353,7 @@ fn run_bench() -> ! {
         // SAFETY: RDTSC is unprivileged and has no side effects.
         unsafe { core::arch::x86_64::_rdtsc() }
     };
-    let mut time = |name: &str, f: &mut dyn FnMut()| {
+    let time = |name: &str, f: &mut dyn FnMut()| {
         let t0 = tsc();
         for _ in 0..N {
             f();
