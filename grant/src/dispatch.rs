@@ -59,6 +59,45 @@ fn put_status(b: &mut [u8], off: usize, s: i16) {
     b[off..off + 2].copy_from_slice(&s.to_le_bytes());
 }
 
+/// Runs an unmap-style op list in batches of [`UNMAP_BATCH_SIZE`] (each batch: removals,
+/// one flush, releases), writing each op's status back at offset 20; a short read of
+/// the argument list ends the call with `-EFAULT` after the ops before it.
+#[allow(clippy::too_many_arguments)]
+fn unmap_batches<T, H: GrantHost + ?Sized>(
+    engine: &mut GrantEngine,
+    ld: DomId,
+    args: &mut [u8],
+    n: usize,
+    size: usize,
+    read: fn(&[u8]) -> Option<T>,
+    status: fn(&T) -> i16,
+    run: fn(&mut GrantEngine, DomId, &mut [T], &mut H),
+    host: &mut H,
+) -> i64 {
+    let mut i = 0;
+    while i < n {
+        let mut ops = Vec::new();
+        while ops.len() < UNMAP_BATCH_SIZE && i + ops.len() < n {
+            match elem(args, i + ops.len(), size).and_then(|b| read(b)) {
+                Some(op) => ops.push(op),
+                None => break,
+            }
+        }
+        let fault = ops.len() < UNMAP_BATCH_SIZE && i + ops.len() < n;
+        run(engine, ld, &mut ops, host);
+        for (k, op) in ops.iter().enumerate() {
+            if let Some(b) = elem(args, i + k, size) {
+                put_status(b, 20, status(op));
+            }
+        }
+        if fault {
+            return -errno::EFAULT;
+        }
+        i += ops.len();
+    }
+    0
+}
+
 impl GrantEngine {
     /// One `HYPERVISOR_grant_table_op` by `ld`. Returns what the hypercall returns in
     /// rax: 0, or a negative errno (`-EINVAL` for a negative count or stray
@@ -96,60 +135,28 @@ impl GrantEngine {
                 }
                 0
             }
-            GNTTABOP_UNMAP_GRANT_REF => {
-                let size = GnttabUnmapGrantRef::SIZE;
-                let mut i = 0;
-                while i < n {
-                    let mut ops = Vec::new();
-                    while ops.len() < UNMAP_BATCH_SIZE && i + ops.len() < n {
-                        match elem(args, i + ops.len(), size)
-                            .and_then(|b| GnttabUnmapGrantRef::read(b))
-                        {
-                            Some(op) => ops.push(op),
-                            None => break,
-                        }
-                    }
-                    let fault = ops.len() < UNMAP_BATCH_SIZE && i + ops.len() < n;
-                    self.unmap_grant_refs(ld, &mut ops, host);
-                    for (k, op) in ops.iter().enumerate() {
-                        if let Some(b) = elem(args, i + k, size) {
-                            put_status(b, 20, op.status);
-                        }
-                    }
-                    if fault {
-                        return -errno::EFAULT;
-                    }
-                    i += ops.len();
-                }
-                0
-            }
-            GNTTABOP_UNMAP_AND_REPLACE => {
-                let size = GnttabUnmapAndReplace::SIZE;
-                let mut i = 0;
-                while i < n {
-                    let mut ops = Vec::new();
-                    while ops.len() < UNMAP_BATCH_SIZE && i + ops.len() < n {
-                        match elem(args, i + ops.len(), size)
-                            .and_then(|b| GnttabUnmapAndReplace::read(b))
-                        {
-                            Some(op) => ops.push(op),
-                            None => break,
-                        }
-                    }
-                    let fault = ops.len() < UNMAP_BATCH_SIZE && i + ops.len() < n;
-                    self.unmap_and_replace(ld, &mut ops, host);
-                    for (k, op) in ops.iter().enumerate() {
-                        if let Some(b) = elem(args, i + k, size) {
-                            put_status(b, 20, op.status);
-                        }
-                    }
-                    if fault {
-                        return -errno::EFAULT;
-                    }
-                    i += ops.len();
-                }
-                0
-            }
+            GNTTABOP_UNMAP_GRANT_REF => unmap_batches(
+                self,
+                ld,
+                args,
+                n,
+                GnttabUnmapGrantRef::SIZE,
+                GnttabUnmapGrantRef::read,
+                |op| op.status,
+                GrantEngine::unmap_grant_refs,
+                host,
+            ),
+            GNTTABOP_UNMAP_AND_REPLACE => unmap_batches(
+                self,
+                ld,
+                args,
+                n,
+                GnttabUnmapAndReplace::SIZE,
+                GnttabUnmapAndReplace::read,
+                |op| op.status,
+                GrantEngine::unmap_and_replace,
+                host,
+            ),
             GNTTABOP_SETUP_TABLE => {
                 if count != 1 {
                     return -errno::EINVAL;
