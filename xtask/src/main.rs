@@ -14,6 +14,7 @@
 mod bench;
 mod bundle;
 mod cpio;
+mod domains;
 mod guest;
 mod image;
 mod kernels;

@@ -83,6 +83,11 @@ pub struct RunArgs {
     /// Build and write the bundle, print the QEMU command, but do not start QEMU.
     #[arg(long)]
     pub dry_run: bool,
+    /// A domain described by an xl.cfg file (repeatable: one domain per file, created in
+    /// the given order). `kernel`/`ramdisk` name host files relative to the file, or
+    /// `@linux`, `@linux-initramfs`, `@testguest`. Replaces the default guest.
+    #[arg(long = "domain", value_name = "FILE", conflicts_with_all = ["kernel", "guest", "bare"])]
+    pub domains: Vec<PathBuf>,
     /// Boot the Linux guest directly in QEMU, without the hypervisor (console ttyS0): the
     /// reference for boot-time comparisons.
     #[arg(long, conflicts_with = "kernel")]
@@ -272,6 +277,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         sys::ensure(sys::QEMU)?;
     }
     let work = sys::workspace_root().join("target").join("xtask");
+    if !args.domains.is_empty() {
+        if command.is_some() {
+            bail!("`-- CMD` runs a command in the default Linux guest; it cannot be combined with --domain");
+        }
+        return run_user_domains(&args, cpu, profile, &work);
+    }
     if choice == Choice::Linux {
         return run_linux(&args, command.as_deref(), cpu, profile, &work);
     }
@@ -426,6 +437,63 @@ fn run_linux(
 
 /// Boots QEMU with the serial console on the terminal. Under the hypervisor the exit
 /// code follows its verdict; on bare QEMU it is QEMU's own status.
+/// `run --domain FILE...`: the user's xl.cfg files, bundled with the files they name.
+fn run_user_domains(args: &RunArgs, cpu: &str, profile: Profile, work: &Path) -> Result<ExitCode> {
+    let texts: Vec<String> = args
+        .domains
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading domain config {}", f.display()))
+        })
+        .collect::<Result<_>>()?;
+    let image = image::build_hypervisor(profile)?;
+    let testguest = if texts.iter().any(|t| crate::domains::needs_testguest(t)) {
+        Some(image::build_testguest(profile)?)
+    } else {
+        None
+    };
+    let linux = if texts.iter().any(|t| crate::domains::needs_linux(t)) {
+        Some(crate::guest::prepare(false)?)
+    } else {
+        None
+    };
+    let known = crate::domains::Known {
+        testguest: testguest.as_deref(),
+        linux: linux
+            .as_ref()
+            .map(|g| (g.vmlinuz.as_path(), g.initramfs.as_path())),
+    };
+    let domains: Vec<_> = args
+        .domains
+        .iter()
+        .enumerate()
+        .map(|(i, f)| crate::domains::load(f, i, &known))
+        .collect::<Result<_>>()?;
+    let bundle_path = work.join("run.cpio");
+    std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+    std::fs::write(&bundle_path, crate::domains::bundle(&domains)?)
+        .with_context(|| format!("writing {}", bundle_path.display()))?;
+    for d in &domains {
+        say!(
+            "domain '{}': {} MiB, {} file(s) bundled",
+            d.name,
+            d.memory_mib,
+            d.files.len()
+        );
+    }
+    let cmd = qemu::command(&qemu::Boot {
+        image: &image,
+        bundle: &bundle_path,
+        cmdline: &args.cmdline,
+        cpu,
+        domain_memory_mib: domains.iter().map(|d| d.memory_mib).sum(),
+        serial: qemu::Serial::Interactive,
+        extra: &args.qemu_args,
+    });
+    interactive(cmd, args.dry_run, false)
+}
+
 fn interactive(mut cmd: Command, dry_run: bool, bare: bool) -> Result<ExitCode> {
     if dry_run {
         say!("{}", sys::shell_line(&cmd));
