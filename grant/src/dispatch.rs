@@ -55,6 +55,28 @@ fn elem(args: &mut [u8], i: usize, size: usize) -> Option<&mut [u8]> {
     args.get_mut(i.checked_mul(size)?..i.checked_mul(size)?.checked_add(size)?)
 }
 
+/// Writes the guest frame numbers of `frames` (as domain `dom` knows them) to `ld`'s
+/// list at `list`: the status of `setup_table` / `get_status_frames`.
+fn frame_list_status<H: GrantHost + ?Sized>(
+    host: &mut H,
+    ld: DomId,
+    dom: DomId,
+    frames: &[u64],
+    list: u64,
+) -> i16 {
+    let d = if dom == abi::event_channel::DOMID_SELF {
+        ld
+    } else {
+        dom
+    };
+    let gfns: Vec<u64> = frames.iter().map(|f| host.guest_frame_of(d, *f)).collect();
+    if host.write_frame_list(ld, list, &gfns) {
+        GNTST_OKAY
+    } else {
+        GNTST_BAD_VIRT_ADDR
+    }
+}
+
 fn put_status(b: &mut [u8], off: usize, s: i16) {
     b[off..off + 2].copy_from_slice(&s.to_le_bytes());
 }
@@ -168,20 +190,7 @@ impl GrantEngine {
                     return -errno::EFAULT;
                 };
                 let status = match self.setup_table(ld, op.dom, op.nr_frames, host) {
-                    Ok(frames) => {
-                        let d = if op.dom == abi::event_channel::DOMID_SELF {
-                            ld
-                        } else {
-                            op.dom
-                        };
-                        let list: Vec<u64> =
-                            frames.iter().map(|f| host.guest_frame_of(d, *f)).collect();
-                        if host.write_frame_list(ld, op.frame_list, &list) {
-                            GNTST_OKAY
-                        } else {
-                            GNTST_BAD_VIRT_ADDR
-                        }
-                    }
+                    Ok(frames) => frame_list_status(host, ld, op.dom, &frames, op.frame_list),
                     Err(e) => e.code(),
                 };
                 put_status(b, 8, status);
@@ -249,20 +258,7 @@ impl GrantEngine {
                     return -errno::EFAULT;
                 };
                 let status = match self.get_status_frames(ld, op.dom, op.nr_frames) {
-                    Ok(frames) => {
-                        let d = if op.dom == abi::event_channel::DOMID_SELF {
-                            ld
-                        } else {
-                            op.dom
-                        };
-                        let list: Vec<u64> =
-                            frames.iter().map(|f| host.guest_frame_of(d, *f)).collect();
-                        if host.write_frame_list(ld, op.frame_list, &list) {
-                            GNTST_OKAY
-                        } else {
-                            GNTST_BAD_VIRT_ADDR
-                        }
-                    }
+                    Ok(frames) => frame_list_status(host, ld, op.dom, &frames, op.frame_list),
                     Err(e) => e.code(),
                 };
                 put_status(b, 6, status);

@@ -967,24 +967,18 @@ impl GrantEngine {
         ops: &mut [GnttabUnmapGrantRef],
         host: &mut H,
     ) {
-        for chunk in ops.chunks_mut(UNMAP_BATCH_SIZE) {
-            let mut pending = Vec::with_capacity(chunk.len());
-            for op in chunk.iter_mut() {
-                let p = self.unmap_begin(
-                    ld,
-                    &UnmapRequest {
-                        handle: op.handle,
-                        host_addr: op.host_addr,
-                        dev_bus_addr: op.dev_bus_addr,
-                        new_addr: 0,
-                    },
-                    host,
-                );
-                op.status = status_code(&p.status());
-                pending.push(p);
-            }
-            self.finish_batch(ld, pending, host);
-        }
+        self.unmap_batched(
+            ld,
+            ops,
+            host,
+            |op| UnmapRequest {
+                handle: op.handle,
+                host_addr: op.host_addr,
+                dev_bus_addr: op.dev_bus_addr,
+                new_addr: 0,
+            },
+            |op, st| op.status = st,
+        );
     }
 
     /// `GNTTABOP_unmap_and_replace` for a batch (host mappings only; `new_addr` must be
@@ -995,20 +989,35 @@ impl GrantEngine {
         ops: &mut [GnttabUnmapAndReplace],
         host: &mut H,
     ) {
+        self.unmap_batched(
+            ld,
+            ops,
+            host,
+            |op| UnmapRequest {
+                handle: op.handle,
+                host_addr: op.host_addr,
+                dev_bus_addr: 0,
+                new_addr: op.new_addr,
+            },
+            |op, st| op.status = st,
+        );
+    }
+
+    /// Runs unmap ops in chunks of [`UNMAP_BATCH_SIZE`]: every first phase, one flush,
+    /// every completion; `request` reads an op, `set_status` writes its result.
+    fn unmap_batched<T, H: GrantHost + ?Sized>(
+        &mut self,
+        ld: DomId,
+        ops: &mut [T],
+        host: &mut H,
+        request: impl Fn(&T) -> UnmapRequest,
+        set_status: impl Fn(&mut T, i16),
+    ) {
         for chunk in ops.chunks_mut(UNMAP_BATCH_SIZE) {
             let mut pending = Vec::with_capacity(chunk.len());
             for op in chunk.iter_mut() {
-                let p = self.unmap_begin(
-                    ld,
-                    &UnmapRequest {
-                        handle: op.handle,
-                        host_addr: op.host_addr,
-                        dev_bus_addr: 0,
-                        new_addr: op.new_addr,
-                    },
-                    host,
-                );
-                op.status = status_code(&p.status());
+                let p = self.unmap_begin(ld, &request(op), host);
+                set_status(op, status_code(&p.status()));
                 pending.push(p);
             }
             self.finish_batch(ld, pending, host);
