@@ -49,7 +49,13 @@ pub const LINUX_RELEASE: &str = "{linux-release}";
 /// The Linux guest's command line: [`LINUX_CMDLINE`], then [`CMD_FLAG`] when a command is
 /// to run, then `append` when it is not empty.
 pub fn linux_cmdline(with_cmd: bool, append: &str) -> String {
-    let mut s = LINUX_CMDLINE.to_string();
+    cmdline_with(LINUX_CMDLINE, with_cmd, append)
+}
+
+/// `base`, then [`CMD_FLAG`] when a command is to run, then `append` when it is not
+/// empty: the Linux guest's command line around a given console setting.
+pub fn cmdline_with(base: &str, with_cmd: bool, append: &str) -> String {
+    let mut s = base.to_string();
     if with_cmd {
         s.push(' ');
         s.push_str(CMD_FLAG);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use ferrovisor_tests::{
-    linux_cmdline, status_meaning, Domain, KernelSource, CMD_FLAG, LINUX_MEMORY_MIB, STATUS_OK,
+    linux_cmdline, status_meaning, Domain, KernelSource, LINUX_MEMORY_MIB, STATUS_OK,
 };
 
 use crate::bundle::BundledDomain;
@@ -144,16 +144,7 @@ fn choose(
 
 /// The Linux guest's command line on bare QEMU: the serial console instead of hvc0.
 fn bare_cmdline(with_cmd: bool, append: &str) -> String {
-    let mut s = "console=ttyS0".to_string();
-    if with_cmd {
-        s.push(' ');
-        s.push_str(CMD_FLAG);
-    }
-    if !append.trim().is_empty() {
-        s.push(' ');
-        s.push_str(append.trim());
-    }
-    s
+    ferrovisor_tests::cmdline_with("console=ttyS0", with_cmd, append)
 }
 
 /// One boot of the Linux guest, with or without the hypervisor: what `run` (Linux) and
