@@ -85,6 +85,10 @@ pub enum Check {
     /// `test=xenstore`: FNV-1a of the guest's `name` node as it read it (value); 1 if
     /// writing `data/ferro` and reading it back worked (value2).
     Xenstore = 16,
+    /// `test=dma-granter`: failed steps (value) of how many (value2).
+    DmaGranter = 17,
+    /// `test=dma-nic`: failed steps (value) of how many (value2).
+    DmaNic = 18,
 }
 
 impl Check {
@@ -103,13 +107,15 @@ impl Check {
     ];
 
     /// Checks reported only when their subject exists (a ramdisk).
-    pub const OPTIONAL: [Check; 6] = [
+    pub const OPTIONAL: [Check; 8] = [
         Check::Ramdisk,
         Check::Hostile,
         Check::PeerA,
         Check::PeerB,
         Check::Restarts,
         Check::Xenstore,
+        Check::DmaGranter,
+        Check::DmaNic,
     ];
 
     /// The check for a report's `rdi`.
@@ -139,6 +145,8 @@ impl Check {
             Check::PeerB => "peer-b",
             Check::Restarts => "restarts",
             Check::Xenstore => "xenstore",
+            Check::DmaGranter => "dma-granter",
+            Check::DmaNic => "dma-nic",
         }
     }
 }

@@ -185,6 +185,37 @@ fn page_up(x: u64) -> u64 {
     x.next_multiple_of(4096)
 }
 
+impl From<crate::memory::OutOfMemory> for BuildError {
+    fn from(e: crate::memory::OutOfMemory) -> BuildError {
+        BuildError::OutOfMemory {
+            wanted: e.wanted,
+            free: e.free,
+        }
+    }
+}
+
+/// A bzImage payload decompressed once for the run (see [`release_decompressed_kernels`]).
+struct DecompressedKernel {
+    /// Address and length of the compressed payload inside the boot bundle.
+    key: (usize, usize),
+    buf: crate::memory::ScratchBuffer,
+    len: usize,
+}
+
+/// Decompressed kernels, kept so that a restarted domain (or a second domain with the
+/// same kernel file) is built without decompressing again: Debian's kernel takes ~5 s
+/// to decompress under QEMU TCG, and a build stalls every other domain on this CPU.
+static DECOMPRESSED: spin::Mutex<Vec<DecompressedKernel>> = spin::Mutex::new(Vec::new());
+
+/// Frees the decompressed kernels (when no domain can be built any more); returns how
+/// many there were.
+pub fn release_decompressed_kernels() -> usize {
+    let mut cache = DECOMPRESSED.lock();
+    let n = cache.len();
+    cache.clear();
+    n
+}
+
 impl Domain {
     /// Builds a domain from `config`, taking files from the boot `bundle`: allocates
     /// memory, loads the PVH kernel (and ramdisk), writes `hvm_start_info`, builds the
@@ -195,6 +226,29 @@ impl Domain {
         bundle: &[u8],
         cpu: &SvmCpu,
     ) -> Result<Domain, BuildError> {
+        Domain::build_with(id, config, bundle, cpu, None)
+    }
+
+    /// [`Domain::build`] in guest memory allocated beforehand (zeroed, `memory_mib` of
+    /// the config: see [`GuestMemory::start_allocation`]).
+    pub fn build_in(
+        id: u16,
+        config: DomainConfig,
+        bundle: &[u8],
+        cpu: &SvmCpu,
+        mem: GuestMemory,
+    ) -> Result<Domain, BuildError> {
+        Domain::build_with(id, config, bundle, cpu, Some(mem))
+    }
+
+    fn build_with(
+        id: u16,
+        config: DomainConfig,
+        bundle: &[u8],
+        cpu: &SvmCpu,
+        mem: Option<GuestMemory>,
+    ) -> Result<Domain, BuildError> {
+        let started = crate::time::now_ns();
         let find = |what: &'static str, path: &str| match crate::bundle::find(bundle, path) {
             Ok(Some(d)) => Ok(d),
             _ => Err(BuildError::MissingFile {
@@ -214,7 +268,7 @@ impl Domain {
         // What Xen users pass as `kernel =`: an ELF, or a bzImage whose payload Xen's
         // PVH loader decompresses itself (into frames outside the heap: 66 MB for
         // Debian's kernel).
-        let mut scratch = None;
+        let mut cache = DECOMPRESSED.lock();
         let kernel: &[u8] = match crate::bzimage::identify(kernel_file) {
             Ok(crate::bzimage::KernelFormat::Elf(elf)) => elf,
             Ok(crate::bzimage::KernelFormat::BzImage {
@@ -222,34 +276,52 @@ impl Domain {
                 compression,
                 decompressed_len,
             }) => {
-                let t0 = crate::time::now_ns();
-                let mut buf = crate::memory::ScratchBuffer::new(decompressed_len).ok_or(
-                    BuildError::OutOfMemory {
-                        wanted: decompressed_len as u64,
-                        free: crate::frames::free_count() * 4096,
-                    },
-                )?;
-                let n = crate::bzimage::decompress(payload, compression, buf.as_mut_slice())
-                    .map_err(imgerr)?;
-                log::info!(
-                    "d{id}: kernel '{}' is a bzImage with a {} payload: {} -> {} bytes in {} ms",
-                    config.kernel,
-                    compression.name(),
-                    payload.len(),
-                    n,
-                    (crate::time::now_ns() - t0) / 1_000_000
-                );
-                &scratch.insert((buf, n)).0.as_mut_slice()[..n]
+                // The bundle does not change during a run: the payload's address and
+                // length identify it.
+                let key = (payload.as_ptr() as usize, payload.len());
+                let i = match cache.iter().position(|k| k.key == key) {
+                    Some(i) => i,
+                    None => {
+                        let t0 = crate::time::now_ns();
+                        let mut buf = crate::memory::ScratchBuffer::new(decompressed_len).ok_or(
+                            BuildError::OutOfMemory {
+                                wanted: decompressed_len as u64,
+                                free: crate::frames::free_count() * 4096,
+                            },
+                        )?;
+                        let n =
+                            crate::bzimage::decompress(payload, compression, buf.as_mut_slice())
+                                .map_err(imgerr)?;
+                        log::info!(
+                            "d{id}: kernel '{}' is a bzImage with a {} payload: {} -> {} bytes in {} ms \
+                             (kept for restarts and other domains booting it)",
+                            config.kernel,
+                            compression.name(),
+                            payload.len(),
+                            n,
+                            (crate::time::now_ns() - t0) / 1_000_000
+                        );
+                        cache.push(DecompressedKernel { key, buf, len: n });
+                        cache.len() - 1
+                    }
+                };
+                &cache[i].buf.as_slice()[..cache[i].len]
             }
             Err(crate::bzimage::BzImageError::NotAKernel { .. }) => kernel_file,
             Err(e) => return Err(imgerr(e)),
         };
         let plan = loader::parse_pvh(kernel).map_err(kerr)?;
         let size = config.memory_mib << 20;
-        let mut mem = GuestMemory::allocate(size).map_err(|e| BuildError::OutOfMemory {
-            wanted: e.wanted,
-            free: e.free,
-        })?;
+        let mut mem = match mem {
+            Some(m) if m.size() == size => m,
+            Some(m) => {
+                return Err(BuildError::Paging(format!(
+                    "memory allocated beforehand has {} bytes, the config asks for {size}",
+                    m.size()
+                )))
+            }
+            None => GuestMemory::allocate(size)?,
+        };
         if size < 2 * SPECIAL_AREA {
             return Err(BuildError::TooSmall {
                 what: "the domain",
@@ -411,14 +483,15 @@ impl Domain {
             })
             .collect();
         log::info!(
-            "d{id} ({}): {} MiB, {} vCPU(s), kernel '{}' entry {:#x}, start_info at {:#x}, cmdline \"{}\"",
+            "d{id} ({}): {} MiB, {} vCPU(s), kernel '{}' entry {:#x}, start_info at {:#x}, cmdline \"{}\" (built in {} ms)",
             config.name,
             config.memory_mib,
             config.vcpus,
             config.kernel,
             plan.entry,
             info_gpa,
-            config.cmdline
+            config.cmdline,
+            (crate::time::now_ns() - started) / 1_000_000
         );
         Ok(Domain {
             core: DomainCore {

@@ -22,6 +22,19 @@ use crate::time;
 use crate::vcpu::{reg, GuestCpu};
 use crate::xen::{self, RunState};
 
+/// Guest memory a restarting domain allocates and zeroes between two time slices
+/// (about 30 ms under QEMU TCG).
+const REBUILD_STEP_BYTES: u64 = 16 << 20;
+
+/// A domain being restarted: its new memory is allocated step by step, then it is built.
+struct Rebuild {
+    old_id: u16,
+    new_id: u16,
+    config: crate::config::DomainConfig,
+    restarts: u32,
+    memory: crate::memory::Allocation,
+}
+
 /// Longest a vCPU runs before another runnable vCPU gets the CPU.
 pub const TIME_SLICE_NS: u64 = 10_000_000;
 
@@ -65,6 +78,9 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
         .map_err(|e| format!("xenstore: cannot create /local/domain: {e:?}"))?;
     let xs_entries_before = xs.total_entries();
     let mut domains = Vec::new();
+    // Like xl, a restarted domain is a new domain with the next free id (the old id may
+    // still be held by a zombie whose grants are mapped elsewhere).
+    let mut next_id = cfgs.len() as u16 + 1;
     for (i, (path, data)) in cfgs.iter().enumerate() {
         let text = core::str::from_utf8(data)
             .map_err(|_| format!("domain config '{path}' is not UTF-8 text"))?;
@@ -108,12 +124,47 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
         .map(|d| d.vcpus.len())
         .sum::<usize>()
         .saturating_sub(1);
-    while !domains.is_empty() {
+    // Restarted domains whose memory is being allocated and zeroed a step at a time
+    // between time slices, so that the other domains keep running meanwhile.
+    let mut rebuilding: Vec<Rebuild> = Vec::new();
+    while !domains.is_empty() || !rebuilding.is_empty() {
         fire_timers(&mut domains);
         service_consoles(&mut domains, &grants, &mut input);
         service_stores(&mut domains, &mut xs);
+        if let Some(r) = rebuilding.first_mut() {
+            let name = r.config.name.clone();
+            let done = r
+                .memory
+                .step(REBUILD_STEP_BYTES)
+                .map_err(|e| format!("restarting domain '{name}': {}", BuildError::from(e)))?;
+            if done {
+                let r = rebuilding.remove(0);
+                let mut fresh =
+                    Domain::build_in(r.new_id, r.config, bundle, cpu, r.memory.finish())
+                        .map_err(|e| format!("restarting domain '{name}': {e}"))?;
+                fresh.core.restarts = r.restarts;
+                grants
+                    .create_domain(
+                        r.new_id,
+                        crate::grant_glue::domain_config(),
+                        &mut crate::grant_glue::FramesOnly,
+                    )
+                    .map_err(|e| format!("restarting domain '{name}': no grant table: {e:?}"))?;
+                log::info!(
+                    "d{} ({name}) restarted as d{} (restart {})",
+                    r.old_id,
+                    r.new_id,
+                    r.restarts
+                );
+                introduce(&mut xs, &mut fresh)
+                    .map_err(|e| format!("restarting domain '{name}': xenstore: {e:?}"))?;
+                domains.push(fresh);
+            }
+        }
         let Some((di, vi)) = pick(&mut domains, &mut cursor) else {
-            idle(&domains);
+            if rebuilding.is_empty() {
+                idle(&domains);
+            }
             continue;
         };
         let end = run_slice(&mut domains, &mut grants, di, vi);
@@ -178,20 +229,20 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
             }
             if action == Action::Restart {
                 let name = config.name.clone();
-                let mut fresh = Domain::build(id, config, bundle, cpu)
-                    .map_err(|e| format!("restarting domain '{name}': {e}"))?;
-                fresh.core.restarts = restarts + 1;
-                grants
-                    .create_domain(
-                        id,
-                        crate::grant_glue::domain_config(),
-                        &mut crate::grant_glue::FramesOnly,
-                    )
-                    .map_err(|e| format!("restarting domain '{name}': no grant table: {e:?}"))?;
-                log::info!("d{id} ({name}) restarted (restart {})", restarts + 1);
-                introduce(&mut xs, &mut fresh)
-                    .map_err(|e| format!("restarting domain '{name}': xenstore: {e:?}"))?;
-                domains.push(fresh);
+                let new_id = next_id;
+                if new_id >= abi::event_channel::DOMID_FIRST_RESERVED {
+                    return Err(format!(
+                        "restarting domain '{name}': no domain ids left (restarted {restarts} times)"
+                    ));
+                }
+                next_id += 1;
+                rebuilding.push(Rebuild {
+                    old_id: id,
+                    new_id,
+                    memory: crate::memory::GuestMemory::start_allocation(config.memory_mib << 20),
+                    config,
+                    restarts: restarts + 1,
+                });
             }
             let mut i = 0;
             while i < zombies.len() {
@@ -214,6 +265,7 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
         log::error!("xenstore leak: {xs_entries_before} entries before the domains, {xs_entries_after} after");
         outcome.failed += 1;
     }
+    crate::domain::release_decompressed_kernels();
     let free_after = crate::frames::free_count();
     if free_after == free_before {
         log::info!("all domain memory returned: {free_after} free frames before and after");

@@ -321,6 +321,23 @@ pub const LINUX_BOOT_CMD: &str = "cat /sys/hypervisor/type; uname -r; nproc; \
 /// The command of the `linux-2level` scenario.
 pub const LINUX_2LEVEL_CMD: &str = "cat /sys/hypervisor/type; dmesg | grep -m1 'xen:events: Using'";
 
+/// `linux-pair`, domain A: on its first boot (domid 1) it waits for B to come up, then
+/// reboots; rebuilt as a new domain, it says so and powers off.
+pub const LINUX_PAIR_A_CMD: &str = "id=$(xenstore-read domid); n=$(xenstore-read name); \
+    if [ \"$id\" = 1 ]; then echo \"a: domid $id, name $n: rebooting in 10 s\"; sleep 10; \
+    reboot -f; sleep 30; fi; echo \"a: domid $id, name $n: second boot\"";
+
+/// Two-second ticks domain B of `linux-pair` counts while A reboots.
+pub const LINUX_PAIR_B_TICKS: u32 = 30;
+
+/// `linux-pair`, domain B: counts [`LINUX_PAIR_B_TICKS`] two-second ticks (A reboots
+/// meanwhile), then checks its xenstore nodes and that the kernel logged nothing new.
+pub const LINUX_PAIR_B_CMD: &str = "echo \"b: domid $(xenstore-read domid), name $(xenstore-read name)\"; \
+    before=$(dmesg | wc -l); i=0; while [ $i -lt 30 ]; do sleep 2; i=$((i+1)); \
+    echo \"b: tick $i\"; done; after=$(dmesg | wc -l); \
+    echo \"b: domid $(xenstore-read domid), name $(xenstore-read name), $((after - before)) new kernel messages\"; \
+    dmesg | tail -n $((after - before)) | sed 's/^/b: new: /'";
+
 /// vCPUs of the `linux-boot` guest: it proves SMP bring-up in the same boot.
 pub const LINUX_BOOT_VCPUS: u32 = 2;
 
@@ -594,7 +611,7 @@ pub fn catalogue() -> Vec<Scenario> {
         Scenario {
             name: "restart",
             about: "a domain that reboots is rebuilt from its config (on_reboot defaults to \
-                    restart, as in xl) twice, then powers off; a second domain runs on and all \
+                    restart, as in xl: a new domain with the next id) twice, then powers off; a second domain runs on and all \
                     memory comes back",
             cpu: CPU,
             hv_cmdline: "",
@@ -607,18 +624,49 @@ pub fn catalogue() -> Vec<Scenario> {
                 lines: vec![
                     "(d1) testguest: restarted 0 times".into(),
                     "d1 (rebooter) shut down: reboot".into(),
-                    "d1 (rebooter) restarted (restart 1)".into(),
-                    "(d1) testguest: restarted 1 times".into(),
-                    "d1 (rebooter) restarted (restart 2)".into(),
-                    "(d1) testguest: restarted 2 times".into(),
-                    "d1 check restarts: PASS".into(),
-                    "d1 (rebooter) shut down: poweroff".into(),
+                    "d1 (rebooter) restarted as d3 (restart 1)".into(),
+                    "(d3) testguest: restarted 1 times".into(),
+                    "d3 (rebooter) restarted as d4 (restart 2)".into(),
+                    "(d4) testguest: restarted 2 times".into(),
+                    "d4 check restarts: PASS".into(),
+                    "d4 (rebooter) shut down: poweroff".into(),
                     "all domain memory returned".into(),
                     "all domains finished: 2 ok, 0 failed".into(),
                 ],
                 forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL"]),
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+        },
+        Scenario {
+            name: "linux-pair",
+            about: "two Linux domains side by side: 'linux-a' reboots (on_reboot = restart \
+                    rebuilds it as a new domain) while 'linux-b' runs on without a new \
+                    kernel message; both read their own xenstore nodes",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::linux_guest("linux-a", Some(LINUX_PAIR_A_CMD)),
+                Domain::linux_guest("linux-b", Some(LINUX_PAIR_B_CMD)),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    Line::Exact("b: domid 2, name linux-b".into()),
+                    "d1 (linux-a) shut down: reboot".into(),
+                    "d1 (linux-a) restarted as d3 (restart 1)".into(),
+                    Line::Exact("a: domid 3, name linux-a: second boot".into()),
+                    "d3 (linux-a) shut down: poweroff".into(),
+                    Line::Exact(format!("b: tick {LINUX_PAIR_B_TICKS}")),
+                    Line::Exact("b: domid 2, name linux-b, 0 new kernel messages".into()),
+                    "d2 (linux-b) shut down: poweroff".into(),
+                    "xenstore back to ".into(),
+                    "all domain memory returned".into(),
+                    "all domains finished: 2 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["PANIC", "EXCEPTION", "FATAL", "Kernel panic", "FAIL"]),
+            },
+            timeout_secs: 400,
             full_only: false,
         },
         Scenario {
@@ -634,11 +682,11 @@ pub fn catalogue() -> Vec<Scenario> {
             expect: Expect {
                 status: STATUS_OK,
                 lines: vec![
-                    "d1 (cycler) restarted (restart 1)".into(),
-                    "d1 (cycler) restarted (restart 100)".into(),
-                    "(d1) testguest: restarted 100 times".into(),
-                    "d1 check restarts: PASS".into(),
-                    "d1 (cycler) shut down: poweroff".into(),
+                    "d1 (cycler) restarted as d2 (restart 1)".into(),
+                    "d100 (cycler) restarted as d101 (restart 100)".into(),
+                    "(d101) testguest: restarted 100 times".into(),
+                    "d101 check restarts: PASS".into(),
+                    "d101 (cycler) shut down: poweroff".into(),
                     "xenstore back to ".into(),
                     "all domain memory returned".into(),
                     "all domains finished: 1 ok, 0 failed".into(),

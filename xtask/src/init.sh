@@ -16,7 +16,37 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 ip link set lo up 2>/dev/null
+mkdir -p /tmp /root
 cd /root
+
+# xenstore-read PATH: one XS_READ through the kernel's xenbus device, like Xen's tool
+# of that name (a relative PATH is under this domain's /local/domain/<domid>).
+cat > /bin/xenstore-read <<'XSREAD'
+#!/bin/busybox sh
+[ "$#" = 1 ] && [ -n "$1" ] || { echo "usage: xenstore-read PATH" >&2; exit 2; }
+len=$(( ${#1} + 1 ))
+[ "$len" -le 4096 ] || { echo "xenstore-read: path longer than 4095 bytes" >&2; exit 2; }
+byte() { printf "\\$(printf %03o $(( $1 & 255 )))"; }
+f=/tmp/xsread.$$
+{
+    # header: type XS_READ (2), req_id 1, tx_id 0, payload length; then PATH and a NUL
+    printf '\002\000\000\000\001\000\000\000\000\000\000\000'
+    byte "$len"; byte $(( len >> 8 )); printf '\000\000'
+    printf '%s\000' "$1"
+} > "$f.req"
+exec 3<>/dev/xen/xenbus || exit 1
+cat "$f.req" >&3
+dd bs=4200 count=1 <&3 2>/dev/null > "$f"
+exec 3>&-
+type=$(head -c 1 "$f" | od -An -tu1 | tr -d ' ')
+if [ "$type" = 2 ]; then
+    tail -c +17 "$f"; echo
+    rm -f "$f" "$f.req"; exit 0
+fi
+echo "xenstore-read: $1: $(tail -c +17 "$f" | tr -d '\000')" >&2
+rm -f "$f" "$f.req"; exit 1
+XSREAD
+chmod +x /bin/xenstore-read
 
 echo "ferro-init: up (Linux $(uname -r), $(cut -d' ' -f1 /proc/uptime) s after kernel start)"
 

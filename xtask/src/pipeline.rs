@@ -26,6 +26,10 @@ pub struct TestArgs {
     /// Go on after a failing step (fmt, clippy, unit tests) and report all at the end.
     #[arg(long)]
     pub keep_going: bool,
+    /// Skip fmt, clippy and the unit tests: build and run the selected scenarios only
+    /// (for iterating on one scenario; CI always runs every step).
+    #[arg(long)]
+    pub scenarios_only: bool,
 }
 
 /// Lines of a failing scenario's log printed under its verdict.
@@ -82,47 +86,53 @@ pub fn test(args: TestArgs) -> Result<ExitCode> {
         }
     };
 
-    step(1, "formatting (cargo fmt --check)", &mut || {
-        sys::run(sys::cargo().args(["fmt", "--all", "--", "--check"]))
-    })?;
-    step(
-        2,
-        "clippy (host crates, then freestanding crates)",
-        &mut || {
-            let host = sys::run(sys::cargo().args([
-                "clippy",
+    let skip = args.scenarios_only;
+    if skip {
+        println!("--scenarios-only: skipping fmt, clippy and the unit tests (steps 1-3)");
+    }
+    if !skip {
+        step(1, "formatting (cargo fmt --check)", &mut || {
+            sys::run(sys::cargo().args(["fmt", "--all", "--", "--check"]))
+        })?;
+        step(
+            2,
+            "clippy (host crates, then freestanding crates)",
+            &mut || {
+                let host = sys::run(sys::cargo().args([
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "boot",
+                    "--exclude",
+                    "testguest",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]));
+                let image = image::run_freestanding(image::cargo_freestanding("clippy").args([
+                    "-p",
+                    "boot",
+                    "-p",
+                    "testguest",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]));
+                host.and(image)
+            },
+        )?;
+        step(3, "host unit tests (cargo test)", &mut || {
+            sys::run(sys::cargo().args([
+                "test",
                 "--workspace",
                 "--exclude",
                 "boot",
                 "--exclude",
                 "testguest",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]));
-            let image = image::run_freestanding(image::cargo_freestanding("clippy").args([
-                "-p",
-                "boot",
-                "-p",
-                "testguest",
-                "--",
-                "-D",
-                "warnings",
-            ]));
-            host.and(image)
-        },
-    )?;
-    step(3, "host unit tests (cargo test)", &mut || {
-        sys::run(sys::cargo().args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "boot",
-            "--exclude",
-            "testguest",
-        ]))
-    })?;
+            ]))
+        })?;
+    }
     // Scenarios cannot run without the build: its failure always stops here.
     header(4, STEPS, "build (release)");
     if let Err(e) = image::build_all(Profile::Release) {
@@ -291,6 +301,7 @@ mod tests {
             full,
             scenario: scenario.iter().map(|s| s.to_string()).collect(),
             keep_going: false,
+            scenarios_only: false,
         }
     }
 

@@ -28,8 +28,43 @@ pub unsafe fn write(pa: u64, data: &[u8]) {
 /// # Safety
 /// As [`write`].
 pub unsafe fn zero(pa: u64, len: u64) {
-    // SAFETY: the caller guarantees the range is mapped RAM it owns.
-    unsafe { core::ptr::write_bytes(pa as *mut u8, 0, len as usize) };
+    let head = len & !127;
+    if pa.is_multiple_of(16) && head > 0 {
+        // 128 bytes per iteration with aligned SSE stores: QEMU TCG runs `rep stos`
+        // one element per step, so zeroing a Linux domain's 256 MiB this way is several
+        // times faster than the `rep stosb` behind `write_bytes`.
+        // SAFETY: the caller guarantees the range is mapped RAM it owns; `pa` is
+        // 16-aligned and `head` a multiple of 128 within the range; xmm0 is declared
+        // clobbered (SSE is enabled for the hypervisor at boot).
+        unsafe {
+            core::arch::asm!(
+                "pxor xmm0, xmm0",
+                "2:",
+                "movdqa [{p}], xmm0",
+                "movdqa [{p} + 16], xmm0",
+                "movdqa [{p} + 32], xmm0",
+                "movdqa [{p} + 48], xmm0",
+                "movdqa [{p} + 64], xmm0",
+                "movdqa [{p} + 80], xmm0",
+                "movdqa [{p} + 96], xmm0",
+                "movdqa [{p} + 112], xmm0",
+                "add {p}, 128",
+                "sub {n}, 128",
+                "jnz 2b",
+                p = inout(reg) pa => _,
+                n = inout(reg) head => _,
+                out("xmm0") _,
+                options(nostack),
+            );
+        }
+        if len > head {
+            // SAFETY: the rest of the caller's range.
+            unsafe { core::ptr::write_bytes((pa + head) as *mut u8, 0, (len - head) as usize) };
+        }
+    } else {
+        // SAFETY: the caller guarantees the range is mapped RAM it owns.
+        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, len as usize) };
+    }
 }
 
 /// Reads the aligned u64 at host-physical `pa`.

@@ -30,6 +30,16 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// `out dx, eax`
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: port I/O touches no memory the compiler knows about. The one device this
+    // guest may drive (the NIC of `test=dma-nic`) is configured through memory-mapped
+    // registers and only DMAs into buffers the guest hands it through atomics.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
 /// `in eax, dx`
 pub fn inl(port: u16) -> u32 {
     let value: u32;

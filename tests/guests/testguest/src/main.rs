@@ -14,6 +14,7 @@
 mod arch;
 mod boot;
 mod idt;
+mod nic;
 mod peer;
 mod rt;
 mod xs;
@@ -91,6 +92,8 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
         b"reboot-cycles" => run_reboot_n(count_option(cmdline()).unwrap_or(100)),
         b"peer-a" => peer::run_a(peer_option(cmdline()).unwrap_or(2)),
         b"peer-b" => peer::run_b(peer_option(cmdline()).unwrap_or(1)),
+        b"dma-granter" => nic::run_granter(peer_option(cmdline()).unwrap_or(2)),
+        b"dma-nic" => nic::run_nic(peer_option(cmdline()).unwrap_or(1)),
         other => {
             console_write("testguest: unknown test '");
             console_write_bytes(other);

@@ -26,6 +26,7 @@ pub const A_PORT: u32 = 3;
 const DOMID_SELF: u16 = 0x7ff0;
 const GNTTABOP_MAP_GRANT_REF: u64 = 0;
 const GNTTABOP_UNMAP_GRANT_REF: u64 = 1;
+const GNTMAP_DEVICE_MAP: u32 = 1;
 const GNTMAP_HOST_MAP: u32 = 2;
 const GTF_PERMIT_ACCESS: u16 = 1;
 const GTF_READING: u16 = 1 << 3;
@@ -36,17 +37,26 @@ const EVTCHNOP_SEND: u64 = 4;
 const EVTCHNOP_ALLOC_UNBOUND: u64 = 6;
 const XENMAPSPACE_GRANT_TABLE: u32 = 1;
 
+/// A page-aligned page of the guest's memory (identity-mapped: its address is its
+/// guest-physical address).
 #[repr(C, align(4096))]
-struct Page([AtomicU8; 4096]);
+pub struct Page([AtomicU8; 4096]);
 
 impl Page {
-    const fn new() -> Page {
+    /// A zeroed page.
+    pub const fn new() -> Page {
         Page([const { AtomicU8::new(0) }; 4096])
     }
-    fn addr(&self) -> u64 {
+    /// Its (guest-physical) address.
+    pub fn addr(&self) -> u64 {
         self.0.as_ptr() as u64
     }
-    fn fill(&self, f: impl Fn(usize) -> u8) {
+    /// Byte `i`.
+    pub fn byte(&self, i: usize) -> u8 {
+        self.0[i].load(Ordering::SeqCst)
+    }
+    /// Sets byte `i` to `f(i)` for the whole page.
+    pub fn fill(&self, f: impl Fn(usize) -> u8) {
         for (i, b) in self.0.iter().enumerate() {
             b.store(f(i), Ordering::Relaxed);
         }
@@ -91,7 +101,7 @@ pub fn clear_pending(port: u32) {
 }
 
 /// Waits for the next event on `port` and consumes it.
-fn wait(port: u32) -> i64 {
+pub fn wait(port: u32) -> i64 {
     let rc = poll(port);
     clear_pending(port);
     rc
@@ -105,14 +115,27 @@ fn pattern_b(i: usize) -> u8 {
     (i as u8).wrapping_mul(3) ^ 0xa5
 }
 
-struct Steps {
+/// Steps of a two-domain test: each prints a line, failures are counted.
+pub struct Steps {
     name: &'static str,
-    done: u64,
-    failed: u64,
+    /// Steps checked.
+    pub done: u64,
+    /// Steps that failed.
+    pub failed: u64,
 }
 
 impl Steps {
-    fn check(&mut self, what: &str, ok: bool, got: i64) {
+    /// No steps yet; lines say `testguest: <name>: ...`.
+    pub fn new(name: &'static str) -> Steps {
+        Steps {
+            name,
+            done: 0,
+            failed: 0,
+        }
+    }
+
+    /// Counts one step and prints it.
+    pub fn check(&mut self, what: &str, ok: bool, got: i64) {
         self.done += 1;
         if !ok {
             self.failed += 1;
@@ -134,7 +157,8 @@ fn hypercall(nr: u64, a1: u64, a2: u64, a3: u64) -> i64 {
     unsafe { arch::hypercall(nr, a1, a2, a3) }
 }
 
-fn evtchn_send(port: u32) -> i64 {
+/// EVTCHNOP_send.
+pub fn evtchn_send(port: u32) -> i64 {
     let p = port.to_le_bytes();
     hypercall(hc::EVENT_CHANNEL_OP, EVTCHNOP_SEND, p.as_ptr() as u64, 0)
 }
@@ -149,9 +173,16 @@ pub fn poll(port: u32) -> i64 {
 }
 
 fn map_grant(slot: u64, dom: u16) -> (i16, u32) {
+    map_grant_at(slot, dom, false)
+}
+
+/// Maps the peer's grant [`GREF`] at guest-physical `slot` (`GNTMAP_host_map`, plus
+/// `GNTMAP_device_map` when `device`); returns (status, handle).
+pub fn map_grant_at(slot: u64, dom: u16, device: bool) -> (i16, u32) {
+    let flags = GNTMAP_HOST_MAP | if device { GNTMAP_DEVICE_MAP } else { 0 };
     let mut op = [0u8; 32];
     op[0..8].copy_from_slice(&slot.to_le_bytes());
-    op[8..12].copy_from_slice(&GNTMAP_HOST_MAP.to_le_bytes());
+    op[8..12].copy_from_slice(&flags.to_le_bytes());
     op[12..16].copy_from_slice(&GREF.to_le_bytes());
     op[16..18].copy_from_slice(&dom.to_le_bytes());
     let rc = hypercall(
@@ -171,6 +202,11 @@ fn map_grant(slot: u64, dom: u16) -> (i16, u32) {
 }
 
 fn unmap_grant(slot: u64, handle: u32) -> i16 {
+    unmap_grant_at(slot, handle)
+}
+
+/// Unmaps a grant mapped with [`map_grant_at`]; returns the status.
+pub fn unmap_grant_at(slot: u64, handle: u32) -> i16 {
     let mut op = [0u8; 24];
     op[0..8].copy_from_slice(&slot.to_le_bytes());
     op[16..20].copy_from_slice(&handle.to_le_bytes());
@@ -193,12 +229,72 @@ fn grant_flags() -> &'static AtomicU8 {
 
 /// Domain A.
 pub fn run_a(peer: u16) -> ! {
-    let mut s = Steps {
-        name: "peer-a",
-        done: 0,
-        failed: 0,
-    };
+    let mut s = Steps::new("peer-a");
     console_write("testguest: peer-a: granting a page\n");
+    let (port, _) = grant_page_to(&mut s, peer, pattern_a);
+    let rc = wait(port);
+    s.check("woken by the peer's event", rc == 0, rc);
+    s.check(
+        "peer's pattern in the shared page",
+        SHARED.matches(pattern_b),
+        0,
+    );
+    let flags = u16::from(grant_flags().load(Ordering::SeqCst));
+    s.check(
+        "no pins left after the peer unmapped",
+        flags & (GTF_READING | GTF_WRITING) == 0,
+        i64::from(flags),
+    );
+    end_access();
+    let rc = evtchn_send(port);
+    s.check("event to the peer", rc == 0, rc);
+    // stay until B has tried its second map (a dead granter answers GNTST_bad_domain)
+    let rc = wait(port);
+    s.check("woken by the peer's last event", rc == 0, rc);
+    report(Check::PeerA, s.failed, s.done);
+    shutdown(hc::SHUTDOWN_POWEROFF)
+}
+
+/// Domain B.
+pub fn run_b(peer: u16) -> ! {
+    let mut s = Steps::new("peer-b");
+    console_write("testguest: peer-b: waiting for the peer's port\n");
+    let port = bind_to_peer(&mut s, peer);
+    let (st, handle) = map_grant(SLOT.addr(), peer);
+    s.check("grant mapped", st == 0, i64::from(st));
+    s.check(
+        "peer's pattern read through the mapping",
+        SLOT.matches(pattern_a),
+        0,
+    );
+    SLOT.fill(pattern_b);
+    let st = unmap_grant(SLOT.addr(), handle);
+    s.check("grant unmapped", st == 0, i64::from(st));
+    let rc = evtchn_send(port);
+    s.check("event to the peer", rc == 0, rc);
+    let rc = wait(port);
+    s.check("woken by the peer's event", rc == 0, rc);
+    let (st, _) = map_grant(SLOT.addr(), peer);
+    s.check(
+        "second map after the peer ended access fails",
+        st == GNTST_GENERAL_ERROR,
+        i64::from(st),
+    );
+    let rc = evtchn_send(port);
+    s.check("last event to the peer", rc == 0, rc);
+    report(Check::PeerB, s.failed, s.done);
+    shutdown(hc::SHUTDOWN_POWEROFF)
+}
+
+/// The granting side's setup: places shared_info and grant frame 0, fills [`SHARED`]
+/// with `pattern`, grants it (ref [`GREF`], writable) to `peer`, and allocates an
+/// unbound port for `peer` (which must come out as [`A_PORT`]). Returns the port and
+/// the shared page.
+pub fn grant_page_to(
+    s: &mut Steps,
+    peer: u16,
+    pattern: impl Fn(usize) -> u8,
+) -> (u32, &'static Page) {
     let rc = map_shared_info();
     s.check("shared_info placed", rc == 0, rc);
     // place grant frame 0 at GRANT_TABLE
@@ -213,7 +309,7 @@ pub fn run_a(peer: u16) -> ! {
         0,
     );
     s.check("grant frame placed", rc == 0, rc);
-    SHARED.fill(pattern_a);
+    SHARED.fill(pattern);
     // entry v1: flags u16, domid u16, frame u32; flags last
     let e = &GRANT_TABLE.0[GREF as usize * 8..GREF as usize * 8 + 8];
     for (i, b) in peer.to_le_bytes().into_iter().enumerate() {
@@ -243,37 +339,17 @@ pub fn run_a(peer: u16) -> ! {
         rc == 0 && port == A_PORT,
         i64::from(port),
     );
-    let rc = wait(port);
-    s.check("woken by the peer's event", rc == 0, rc);
-    s.check(
-        "peer's pattern in the shared page",
-        SHARED.matches(pattern_b),
-        0,
-    );
-    let flags = u16::from(grant_flags().load(Ordering::SeqCst));
-    s.check(
-        "no pins left after the peer unmapped",
-        flags & (GTF_READING | GTF_WRITING) == 0,
-        i64::from(flags),
-    );
-    grant_flags().store(0, Ordering::SeqCst); // end foreign access
-    let rc = evtchn_send(port);
-    s.check("event to the peer", rc == 0, rc);
-    // stay until B has tried its second map (a dead granter answers GNTST_bad_domain)
-    let rc = wait(port);
-    s.check("woken by the peer's last event", rc == 0, rc);
-    report(Check::PeerA, s.failed, s.done);
-    shutdown(hc::SHUTDOWN_POWEROFF)
+    (port, &SHARED)
 }
 
-/// Domain B.
-pub fn run_b(peer: u16) -> ! {
-    let mut s = Steps {
-        name: "peer-b",
-        done: 0,
-        failed: 0,
-    };
-    console_write("testguest: peer-b: waiting for the peer's port\n");
+/// Ends the peer's access to [`SHARED`] (clears the grant entry's flags).
+pub fn end_access() {
+    grant_flags().store(0, Ordering::SeqCst);
+}
+
+/// The mapping side's setup: places shared_info and binds to the granter's
+/// [`A_PORT`] (retrying until the granter has allocated it); returns the local port.
+pub fn bind_to_peer(s: &mut Steps, peer: u16) -> u32 {
     let rc = map_shared_info();
     s.check("shared_info placed", rc == 0, rc);
     let mut bi = [0u8; 12];
@@ -295,28 +371,5 @@ pub fn run_b(peer: u16) -> ! {
     let port = u32::from_le_bytes([bi[8], bi[9], bi[10], bi[11]]);
     s.check("bound to the peer's port", rc == 0, i64::from(port));
     clear_pending(port); // Xen flags a freshly bound interdomain port
-    let (st, handle) = map_grant(SLOT.addr(), peer);
-    s.check("grant mapped", st == 0, i64::from(st));
-    s.check(
-        "peer's pattern read through the mapping",
-        SLOT.matches(pattern_a),
-        0,
-    );
-    SLOT.fill(pattern_b);
-    let st = unmap_grant(SLOT.addr(), handle);
-    s.check("grant unmapped", st == 0, i64::from(st));
-    let rc = evtchn_send(port);
-    s.check("event to the peer", rc == 0, rc);
-    let rc = wait(port);
-    s.check("woken by the peer's event", rc == 0, rc);
-    let (st, _) = map_grant(SLOT.addr(), peer);
-    s.check(
-        "second map after the peer ended access fails",
-        st == GNTST_GENERAL_ERROR,
-        i64::from(st),
-    );
-    let rc = evtchn_send(port);
-    s.check("last event to the peer", rc == 0, rc);
-    report(Check::PeerB, s.failed, s.done);
-    shutdown(hc::SHUTDOWN_POWEROFF)
+    port
 }
