@@ -29,6 +29,14 @@ pub const UNCLAIMED_PORT: u16 = 0x4321;
 /// in its own page tables; the nested page tables do not).
 pub const UNBACKED_GPA: u64 = 0xd000_0000;
 
+/// `test=dma-nic`: where the NIC owner maps the granter's page (4 GiB: above its RAM
+/// and every 32-bit BAR, outside its own page tables: only the NIC touches it).
+pub const DMA_GRANT_GPA: u64 = 0x1_0000_0000;
+
+/// `test=dma-nic`: an address the NIC owner never maps; its third frame is received
+/// there and must be blocked.
+pub const DMA_NEVER_MAPPED_GPA: u64 = 0x1_4000_0000;
+
 /// Value the test guest writes to IA32_SYSENTER_ESP (MSR 0x175) in the `msr` check.
 pub const MSR_TEST_VALUE: u64 = 0x0000_1234_5678_9abc;
 

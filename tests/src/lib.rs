@@ -158,6 +158,8 @@ pub struct Domain {
     /// For a [`KernelSource::LinuxGuest`] domain: a shell command its `/init` runs (its
     /// command line must then hold [`CMD_FLAG`]; [`Domain::linux_guest`] sees to that).
     pub linux_cmd: Option<String>,
+    /// PCI devices assigned to the domain (`pci = [...]`, bus:dev.fn), e.g. [`NIC_BDF`].
+    pub pci: Vec<String>,
 }
 
 impl Domain {
@@ -173,6 +175,7 @@ impl Domain {
             evtchn_fifo: true,
             ramdisk: None,
             linux_cmd: None,
+            pci: Vec::new(),
         }
     }
 
@@ -190,6 +193,7 @@ impl Domain {
             evtchn_fifo: true,
             ramdisk: None,
             linux_cmd: cmd.map(str::to_string),
+            pci: Vec::new(),
         }
     }
 
@@ -294,6 +298,37 @@ pub struct Scenario {
     pub timeout_secs: u64,
     /// Only run by `cargo xtask test --full`.
     pub full_only: bool,
+    /// QEMU gets an Intel IOMMU and an e1000e NIC at [`NIC_BDF`] whose frames come back
+    /// to it (`-netdev dgram` to its own loopback port).
+    pub nic: Option<NicSetup>,
+}
+
+/// Where the e1000e NIC of a [`NicSetup`] scenario sits (QEMU `addr=0x3` on q35's root bus).
+pub const NIC_BDF: &str = "00:03.0";
+
+/// The emulated IOMMU and NIC of a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NicSetup {
+    /// Extra `-device intel-iommu` options (e.g. `,caching-mode=on`), or empty.
+    pub iommu_options: &'static str,
+}
+
+impl NicSetup {
+    /// The QEMU arguments, the NIC's frames going to UDP `port` on 127.0.0.1 and coming
+    /// back from it (nothing leaves the machine).
+    pub fn qemu_args(&self, port: u16) -> Vec<String> {
+        let ep = |side: &str| {
+            format!("{side}.type=inet,{side}.host=127.0.0.1,{side}.port={port}")
+        };
+        vec![
+            "-device".into(),
+            format!("intel-iommu{}", self.iommu_options),
+            "-netdev".into(),
+            format!("dgram,id=n0,{},{}", ep("local"), ep("remote")),
+            "-device".into(),
+            "e1000e,netdev=n0,addr=0x3,mac=02:66:65:72:72:00".into(),
+        ]
+    }
 }
 
 impl Scenario {
@@ -376,6 +411,7 @@ fn fatal(
         },
         timeout_secs: DEFAULT_TIMEOUT_SECS,
         full_only: false,
+        nic: None,
     }
 }
 
@@ -409,6 +445,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
         fatal(
             "not-elf",
@@ -472,6 +509,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "ramdisk",
@@ -489,6 +527,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "host-exception",
@@ -507,6 +546,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "linux-boot",
@@ -542,6 +582,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: 600,
             full_only: false,
+            nic: None,
         },
         fatal(
             "truncated-bzimage",
@@ -579,6 +620,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: 600,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "grant-peers",
@@ -607,6 +649,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "restart",
@@ -637,6 +680,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "linux-pair",
@@ -668,6 +712,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: 400,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "create-destroy-100",
@@ -695,6 +740,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "xenstore",
@@ -718,6 +764,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "hostile",
@@ -741,6 +788,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
         Scenario {
             name: "preemption",
@@ -767,6 +815,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            nic: None,
         },
     ]
 }

@@ -28,6 +28,8 @@ pub struct BundledDomain {
     pub test_interface: bool,
     /// `evtchn_fifo = 0` when clear (the hypervisor then refuses the FIFO ABI).
     pub evtchn_fifo: bool,
+    /// `pci = [...]`: PCI devices assigned to the domain.
+    pub pci: Vec<String>,
 }
 
 /// Quotes `s` as an `xl.cfg` string: double quotes, with backslash escapes for `"`,
@@ -70,6 +72,10 @@ pub fn domain_cfg(d: &BundledDomain, kernel: &str, ramdisk: Option<&str>) -> Str
     }
     if d.test_interface {
         s.push_str("test_interface = 1\n");
+    }
+    if !d.pci.is_empty() {
+        let list: Vec<String> = d.pci.iter().map(|p| quote(p)).collect();
+        s.push_str(&format!("pci = [ {} ]\n", list.join(", ")));
     }
     s
 }
@@ -182,6 +188,7 @@ mod tests {
             vcpus: 1,
             test_interface: true,
             evtchn_fifo: true,
+            pci: Vec::new(),
         }
     }
 

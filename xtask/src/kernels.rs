@@ -245,6 +245,7 @@ pub fn prepare(
                 vcpus: d.vcpus,
                 test_interface: d.test_interface,
                 evtchn_fifo: d.evtchn_fifo,
+                pci: d.pci.clone(),
             })
         })
         .collect()

@@ -230,6 +230,10 @@ fn run_one(
     let _ = std::fs::remove_file(log);
     let qemu_out = log.with_extension("qemu.txt");
 
+    let extra = match s.nic {
+        Some(nic) => nic.qemu_args(free_udp_port().map_err(|e| format!("{e:#}"))?),
+        None => Vec::new(),
+    };
     let cmd = qemu::command(&qemu::Boot {
         image,
         bundle: &bundle_path,
@@ -237,7 +241,7 @@ fn run_one(
         cpu: s.cpu,
         domain_memory_mib: s.domains.iter().map(|d| d.memory_mib).sum(),
         serial: qemu::Serial::File(log.to_path_buf()),
-        extra: &[],
+        extra: &extra,
     });
     println!("$ {}", sys::shell_line(&cmd));
     let ended = qemu::run_with_timeout(cmd, Duration::from_secs(s.timeout_secs), &qemu_out)
@@ -272,6 +276,13 @@ fn run_one(
             )
         }
     })
+}
+
+/// A UDP port on 127.0.0.1 that nothing uses right now (the OS picks it), for a
+/// scenario NIC's `-netdev dgram` loop.
+fn free_udp_port() -> Result<u16> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(sock.local_addr()?.port())
 }
 
 /// Prints where a scenario's serial log is and its last lines.

@@ -200,6 +200,7 @@ impl LinuxBoot<'_> {
             vcpus: self.vcpus,
             test_interface: false,
             evtchn_fifo: true,
+            pci: Vec::new(),
         }
     }
 
@@ -296,6 +297,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 test_interface: false,
                 ramdisk: None,
                 linux_cmd: None,
+                pci: Vec::new(),
                 evtchn_fifo: true,
             };
             (domain, PathBuf::new())

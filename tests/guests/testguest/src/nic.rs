@@ -22,10 +22,7 @@ use abi::ferro::Check;
 use crate::peer::{self, Page, Steps};
 use crate::{arch, console_write, report, shutdown};
 
-/// Where the NIC owner maps the granter's page: 512 MiB, far above its RAM.
-pub const GRANT_GPA: u64 = 0x2000_0000;
-/// An address the NIC owner never maps: frame 3 is received there.
-pub const NEVER_MAPPED_GPA: u64 = 0x3000_0000;
+pub use abi::ferro::{DMA_GRANT_GPA as GRANT_GPA, DMA_NEVER_MAPPED_GPA as NEVER_MAPPED_GPA};
 /// Length of each test frame (Ethernet header included, no FCS).
 const FRAME_LEN: usize = 256;
 
