@@ -1,7 +1,7 @@
-//! VT-d IOMMU support (issue 6): DMAR parsing, one driver per remapping unit, root and
-//! context tables, per-domain second-level page tables, register and queued
-//! invalidation, and fault reporting. Page-table logic is tested on the host.
-//!
-//! Nothing is implemented yet; this crate is deliberately empty until that issue.
+//! VT-d IOMMU support (issue 6), pure `no_std` logic with the hardware behind traits.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod dmar;
