@@ -5,3 +5,5 @@
 extern crate alloc;
 
 pub mod dmar;
+pub mod refcount;
+pub mod regs;
