@@ -1,7 +1,7 @@
 //! The ACPI DMAR table (DMA remapping reporting), parsed from its bytes.
 //!
-//! Layout (VT-d spec chapter 8): the 36-byte ACPI header, host address width (value
-//! + 1 bits), flags, 10 reserved bytes, then remapping structures, each starting with
+//! Layout (VT-d spec chapter 8): the 36-byte ACPI header, host address width (the
+//! value plus one, in bits), flags, 10 reserved bytes, then remapping structures, each starting with
 //! `type: u16, length: u16`. DRHD (type 0) describes one remapping unit and RMRR
 //! (type 1) a reserved memory region; both carry device scopes. Every other type
 //! (ATSR, RHSA, ANDD, SATC, ...) is skipped by its length and listed in
@@ -323,7 +323,7 @@ fn parse_scopes(bytes: &[u8], base: usize) -> Result<Vec<DeviceScope>, DmarError
             ));
         }
         let len = usize::from(bytes[off + 1]);
-        if len < SCOPE_LEN || (len - SCOPE_LEN) % 2 != 0 {
+        if len < SCOPE_LEN || !(len - SCOPE_LEN).is_multiple_of(2) {
             return Err(err(
                 Structure::DeviceScope,
                 here,
