@@ -957,6 +957,42 @@ impl<F: EntryFormat> PageTable<F> {
         None
     }
 
+    /// Calls `f(va, pa, size, perms)` for every leaf, in increasing `va` order (`va`
+    /// as the table indexes it: not sign-extended for canonical formats). Rights are
+    /// ANDed over the walk, as [`PageTable::translate`] reports them.
+    pub fn for_each_leaf(&self, mem: &impl PhysMem, mut f: impl FnMut(u64, u64, PageSize, Perms)) {
+        if self.check_levels().is_ok() {
+            self.visit(mem, self.root, self.levels, 0, Perms::ALL, &mut f);
+        }
+    }
+
+    fn visit(
+        &self,
+        mem: &impl PhysMem,
+        table: u64,
+        level: u8,
+        base: u64,
+        perms: Perms,
+        f: &mut impl FnMut(u64, u64, PageSize, Perms),
+    ) {
+        let span = 1u64 << (12 + 9 * (u32::from(level) - 1));
+        for i in 0..ENTRIES {
+            let e = mem.read(table + i * 8);
+            if !self.fmt.is_present(e) {
+                continue;
+            }
+            let va = base + i * span;
+            let p = perms.and(self.fmt.perms(e));
+            if self.fmt.is_leaf(e, level) {
+                if let Some(size) = PageSize::from_level(level) {
+                    f(va, self.fmt.address(e) & !(size.bytes() - 1), size, p);
+                }
+            } else if level > 1 {
+                self.visit(mem, self.fmt.address(e), level - 1, va, p, f);
+            }
+        }
+    }
+
     /// Frees every table frame (not the mapped pages), the root included.
     pub fn destroy(self, mem: &mut impl PhysMem) {
         if self.check_levels().is_ok() {
@@ -1965,6 +2001,12 @@ mod tests {
                 prop_assert_eq!(pt.translate(&mem, va), Some((pa, perms, size)));
             }
         }
+        let mut walked = Vec::new();
+        pt.for_each_leaf(&mem, |va, pa, size, perms| {
+            walked.push((va, (pa, size, perms)))
+        });
+        let modelled: Vec<_> = model.leaves.iter().map(|(&va, &l)| (va, l)).collect();
+        prop_assert_eq!(walked, modelled);
         // Unmap everything: only the root remains; destroy frees it.
         let leaves: Vec<_> = model
             .leaves
