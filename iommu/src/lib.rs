@@ -7,3 +7,9 @@ extern crate alloc;
 pub mod dmar;
 pub mod refcount;
 pub mod regs;
+pub mod unit;
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod unit_tests;
