@@ -17,7 +17,7 @@
 //!   writes memory.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 
 use pagetable::PhysMem;
@@ -51,11 +51,25 @@ pub struct TlbEntry {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// Context-cache invalidation: granularity 1..3, did, sid.
-    Cc { g: u8, did: u16, sid: u16, queued: bool },
+    Cc {
+        g: u8,
+        did: u16,
+        sid: u16,
+        queued: bool,
+    },
     /// IOTLB invalidation: granularity, did, addr, am.
-    Iotlb { g: u8, did: u16, addr: u64, am: u8, queued: bool },
+    Iotlb {
+        g: u8,
+        did: u16,
+        addr: u64,
+        am: u8,
+        queued: bool,
+    },
     /// Wait descriptor with status write.
-    Wait { data: u32, addr: u64 },
+    Wait {
+        data: u32,
+        addr: u64,
+    },
     Srtp,
     Wbf,
     Gcmd(u32),
@@ -178,7 +192,9 @@ impl Sim {
         for (i, b) in buf.iter_mut().enumerate() {
             let a = pa + i as u64;
             let cached = if self.coherent() {
-                self.cache.get(&(a & !(LINE - 1))).map(|l| l[(a % LINE) as usize])
+                self.cache
+                    .get(&(a & !(LINE - 1)))
+                    .map(|l| l[(a % LINE) as usize])
             } else {
                 None
             };
@@ -356,10 +372,8 @@ impl Sim {
                 self.iotlb_invalidate(g, did, self.iva & !0xfff, (self.iva & 0x3f) as u8, false);
                 self.iotlb_reg = (v & !(1 << 63)) | u64::from(g) << 57;
             }
-            o if o >= fro && o < fro + 16 * nfr && (o - fro) % 16 == 8 => {
-                if v >> 63 != 0 {
-                    self.frcd[(o - fro) / 16][1] &= !(1 << 63);
-                }
+            o if o >= fro && o < fro + 16 * nfr && (o - fro) % 16 == 8 && v >> 63 != 0 => {
+                self.frcd[(o - fro) / 16][1] &= !(1 << 63);
             }
             _ => {}
         }
@@ -423,7 +437,10 @@ impl Sim {
                 5 => {
                     let sw = lo & (1 << 5) != 0;
                     let iflag = lo & (1 << 4) != 0;
-                    assert!(!(sw && iflag), "wait descriptor with SW and IF: QEMU 7.2 asserts");
+                    assert!(
+                        !(sw && iflag),
+                        "wait descriptor with SW and IF: QEMU 7.2 asserts"
+                    );
                     if self.drop_waits {
                         return;
                     }
@@ -449,7 +466,12 @@ impl Sim {
     }
 
     fn cc_invalidate(&mut self, g: u8, did: u16, sid: u16, queued: bool) {
-        self.events.push(Event::Cc { g, did, sid, queued });
+        self.events.push(Event::Cc {
+            g,
+            did,
+            sid,
+            queued,
+        });
         match g {
             1 => self.ctx_cache.clear(),
             2 => self.ctx_cache.retain(|_, e| e.did != did),
@@ -461,7 +483,13 @@ impl Sim {
     }
 
     pub fn iotlb_invalidate(&mut self, g: u8, did: u16, addr: u64, am: u8, queued: bool) {
-        self.events.push(Event::Iotlb { g, did, addr, am, queued });
+        self.events.push(Event::Iotlb {
+            g,
+            did,
+            addr,
+            am,
+            queued,
+        });
         match g {
             1 => self.iotlb.clear(),
             2 => self.iotlb.retain(|_, e| e.did != did),
@@ -482,14 +510,21 @@ impl Sim {
             self.fsts |= 1; // PFO: dropped
             return;
         }
-        if self.frcd.iter().any(|r| r[1] >> 63 != 0 && r[1] as u16 == sid) {
+        if self
+            .frcd
+            .iter()
+            .any(|r| r[1] >> 63 != 0 && r[1] as u16 == sid)
+        {
             return; // collapsed with a pending fault of the same source
         }
         if self.frcd.iter().all(|r| r[1] >> 63 == 0) {
             self.fri = n;
         }
         let t = if write { 0 } else { 1u64 << 62 };
-        self.frcd[n] = [addr & !0xfff, u64::from(sid) | u64::from(reason) << 32 | t | 1 << 63];
+        self.frcd[n] = [
+            addr & !0xfff,
+            u64::from(sid) | u64::from(reason) << 32 | t | 1 << 63,
+        ];
         self.next_frcd = (n + 1) % self.frcd.len();
     }
 
@@ -547,7 +582,8 @@ impl Sim {
             let leaf = level == 1 || ps;
             // Reserved bits: PS at levels 4/5 or for a size SLLPS lacks; SNP without
             // SC or in a non-leaf entry; address bits above the MGAW.
-            let bad_ps = ps && (level > 3 || (level == 3 && sllps & 2 == 0) || (level == 2 && sllps & 1 == 0));
+            let bad_ps = ps
+                && (level > 3 || (level == 3 && sllps & 2 == 0) || (level == 2 && sllps & 1 == 0));
             let bad_snp = e & (1 << 11) != 0 && (!sc || !leaf);
             let bad_addr = (e & 0x000f_ffff_ffff_f000) >> self.mgaw() != 0;
             if bad_ps || bad_snp || bad_addr {
@@ -675,12 +711,18 @@ impl Mmio for SimRegs {
     }
     fn read64(&self, off: usize) -> u64 {
         assert_eq!(off % 8, 0);
-        assert!(!is_32bit_only(off), "64-bit read of 32-bit register {off:#x}: QEMU aborts");
+        assert!(
+            !is_32bit_only(off),
+            "64-bit read of 32-bit register {off:#x}: QEMU aborts"
+        );
         self.0.borrow_mut().reg_read(off, true)
     }
     fn write64(&mut self, off: usize, value: u64) {
         assert_eq!(off % 8, 0);
-        assert!(!is_32bit_only(off), "64-bit write of 32-bit register {off:#x}: QEMU aborts");
+        assert!(
+            !is_32bit_only(off),
+            "64-bit write of 32-bit register {off:#x}: QEMU aborts"
+        );
         self.0.borrow_mut().write64(off, value);
     }
 }
@@ -698,7 +740,10 @@ impl PhysMem for SimMem {
     fn write(&mut self, pa: u64, value: u64) {
         assert_eq!(pa % 8, 0);
         let mut s = self.0.borrow_mut();
-        assert!(s.table_frames.contains(&(pa & !0xfff)), "write to {pa:#x} outside an allocated frame");
+        assert!(
+            s.table_frames.contains(&(pa & !0xfff)),
+            "write to {pa:#x} outside an allocated frame"
+        );
         s.cpu_write(pa, &value.to_le_bytes());
     }
     fn alloc_table(&mut self) -> Option<u64> {
@@ -721,7 +766,10 @@ impl PhysMem for SimMem {
     }
     fn free_table(&mut self, pa: u64) {
         let mut s = self.0.borrow_mut();
-        assert!(s.table_frames.remove(&pa), "double free or foreign frame {pa:#x}");
+        assert!(
+            s.table_frames.remove(&pa),
+            "double free or foreign frame {pa:#x}"
+        );
         // Poison: a unit still walking a freed table sees garbage.
         s.cpu_write(pa, &[0xff; 4096]);
         s.writeback(pa, 4096);
@@ -757,9 +805,4 @@ pub type SimUnit = crate::unit::Unit<SimRegs, SimMem, SimHost>;
 /// Counts the frames the sim's table allocator has handed out and not got back.
 pub fn live_frames(sim: &Shared) -> usize {
     sim.borrow().table_frames.len()
-}
-
-#[allow(dead_code)]
-pub fn btree_of<K: Ord + Clone, V: Clone>(m: &HashMap<K, V>) -> BTreeMap<K, V> {
-    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }

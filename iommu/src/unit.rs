@@ -35,7 +35,7 @@ use pagetable::{EntryFormat, MapError, PageSize, PageTable, Perms, PhysMem, VtdS
 use crate::dmar::Bdf;
 use crate::refcount::{FrameRange, FrameRefs, RefError};
 use crate::regs::{
-    self, CcScope, IotlbScope, Mmio, CAP, CCMD, ECAP, FECTL, FECTL_IM, FEDATA, FEADDR, FEUADDR,
+    self, CcScope, IotlbScope, Mmio, CAP, CCMD, ECAP, FEADDR, FECTL, FECTL_IM, FEDATA, FEUADDR,
     FSTS, FSTS_ICE, FSTS_IQE, FSTS_ITE, FSTS_PFO, FSTS_PPF, GCMD, GCMD_IRE, GCMD_PERSISTENT,
     GCMD_QIE, GCMD_SRTP, GCMD_TE, GCMD_WBF, GSTS, GSTS_QIES, GSTS_RTPS, GSTS_TES, GSTS_WBFS,
     IOTLB_FROM_IRO, IOTLB_IVT, IQA, IQH, IQT, IVA_FROM_IRO, RTADDR,
@@ -518,9 +518,13 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
         }
         if self.gcmd & GCMD_QIE != 0 {
             let iqt = self.regs.read64(IQT);
-            spin(&mut self.host, self.cfg.timeout_us, unit, "draining the firmware's invalidation queue", |_| {
-                Ok(self.regs.read64(IQH) == iqt)
-            })?;
+            spin(
+                &mut self.host,
+                self.cfg.timeout_us,
+                unit,
+                "draining the firmware's invalidation queue",
+                |_| Ok(self.regs.read64(IQH) == iqt),
+            )?;
             self.set_enable(GCMD_QIE, GSTS_QIES, false, "disabling queued invalidation")?;
         }
         self.root = self.alloc_frame()?;
@@ -543,7 +547,10 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
         self.command(GCMD_SRTP, "setting the root table pointer (SRTP)", |g| {
             g & GSTS_RTPS != 0
         })?;
-        self.invalidate(&[Inv::Context(CcScope::Global), Inv::Iotlb(IotlbScope::Global)])?;
+        self.invalidate(&[
+            Inv::Context(CcScope::Global),
+            Inv::Iotlb(IotlbScope::Global),
+        ])?;
         Ok(())
     }
 
@@ -665,7 +672,13 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
     }
 
     /// Sets or clears a persistent enable and waits for its status bit.
-    fn set_enable(&mut self, bit: u32, status: u32, on: bool, what: &'static str) -> Result<(), IommuError> {
+    fn set_enable(
+        &mut self,
+        bit: u32,
+        status: u32,
+        on: bool,
+        what: &'static str,
+    ) -> Result<(), IommuError> {
         if on {
             self.gcmd |= bit;
         } else {
@@ -673,18 +686,31 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
         }
         self.regs.write32(GCMD, self.gcmd);
         let regs = &self.regs;
-        spin(&mut self.host, self.cfg.timeout_us, self.cfg.register_base, what, |_| {
-            Ok((regs.read32(GSTS) & status != 0) == on)
-        })
+        spin(
+            &mut self.host,
+            self.cfg.timeout_us,
+            self.cfg.register_base,
+            what,
+            |_| Ok((regs.read32(GSTS) & status != 0) == on),
+        )
     }
 
     /// Issues one one-shot command (persistent enables + `bit`) and waits for `done`.
-    fn command(&mut self, bit: u32, what: &'static str, done: impl Fn(u32) -> bool) -> Result<(), IommuError> {
+    fn command(
+        &mut self,
+        bit: u32,
+        what: &'static str,
+        done: impl Fn(u32) -> bool,
+    ) -> Result<(), IommuError> {
         self.regs.write32(GCMD, self.gcmd | bit);
         let regs = &self.regs;
-        spin(&mut self.host, self.cfg.timeout_us, self.cfg.register_base, what, |_| {
-            Ok(done(regs.read32(GSTS)))
-        })
+        spin(
+            &mut self.host,
+            self.cfg.timeout_us,
+            self.cfg.register_base,
+            what,
+            |_| Ok(done(regs.read32(GSTS))),
+        )
     }
 
     /// Flushes the chipset write buffer if the unit needs it (CAP.RWBF).
@@ -743,11 +769,18 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
                 Inv::Context(s) => {
                     self.regs.write64(CCMD, regs::ccmd_value(s));
                     let regs = &self.regs;
-                    spin(&mut self.host, self.cfg.timeout_us, unit, "context-cache invalidation (CCMD)", |_| {
-                        Ok(regs.read64(CCMD) & regs::CCMD_ICC == 0)
-                    })?;
+                    spin(
+                        &mut self.host,
+                        self.cfg.timeout_us,
+                        unit,
+                        "context-cache invalidation (CCMD)",
+                        |_| Ok(regs.read64(CCMD) & regs::CCMD_ICC == 0),
+                    )?;
                     if regs::ccmd_caig(self.regs.read64(CCMD)) == 0 {
-                        return Err(IommuError::InvalidationRefused { unit, what: "context" });
+                        return Err(IommuError::InvalidationRefused {
+                            unit,
+                            what: "context",
+                        });
                     }
                 }
                 Inv::Iotlb(s) => {
@@ -758,11 +791,18 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
                     }
                     self.regs.write64(iro + IOTLB_FROM_IRO, cmd);
                     let regs = &self.regs;
-                    spin(&mut self.host, self.cfg.timeout_us, unit, "IOTLB invalidation (IOTLB register)", |_| {
-                        Ok(regs.read64(iro + IOTLB_FROM_IRO) & IOTLB_IVT == 0)
-                    })?;
+                    spin(
+                        &mut self.host,
+                        self.cfg.timeout_us,
+                        unit,
+                        "IOTLB invalidation (IOTLB register)",
+                        |_| Ok(regs.read64(iro + IOTLB_FROM_IRO) & IOTLB_IVT == 0),
+                    )?;
                     if regs::iotlb_iaig(self.regs.read64(iro + IOTLB_FROM_IRO)) == 0 {
-                        return Err(IommuError::InvalidationRefused { unit, what: "IOTLB" });
+                        return Err(IommuError::InvalidationRefused {
+                            unit,
+                            what: "IOTLB",
+                        });
                     }
                 }
             }
@@ -785,7 +825,6 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
         let status = q.status;
         self.host.write_u32(status, 0);
         let wait = regs::wait_descriptor(seq, status);
-        let start = q.tail;
         for d in descs.iter().chain(core::iter::once(&wait)) {
             let slot = q.base + q.tail * 16;
             self.mem.write(slot, d[0]);
@@ -799,26 +838,38 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
         self.regs.write64(IQT, tail << 4);
         let regs = &self.regs;
         let mut bad = None;
-        let r = spin(&mut self.host, timeout, unit, "invalidation wait descriptor", |h| {
-            if h.read_u32(status) == seq {
-                return Ok(true);
-            }
-            if regs.read32(FSTS) & FSTS_IQE != 0 {
-                bad = Some((regs.read64(IQH) >> 4) % entries);
-                return Ok(true);
-            }
-            Ok(false)
-        });
+        let r = spin(
+            &mut self.host,
+            timeout,
+            unit,
+            "invalidation wait descriptor",
+            |h| {
+                if h.read_u32(status) == seq {
+                    return Ok(true);
+                }
+                if regs.read32(FSTS) & FSTS_IQE != 0 {
+                    bad = Some((regs.read64(IQH) >> 4) % entries);
+                    return Ok(true);
+                }
+                Ok(false)
+            },
+        );
         if let Some(head) = bad {
-            let descriptor = [self.mem.read(base + head * 16), self.mem.read(base + head * 16 + 8)];
+            let descriptor = [
+                self.mem.read(base + head * 16),
+                self.mem.read(base + head * 16 + 8),
+            ];
             // Skip what is left: tail = head, then clear the error so the queue runs on.
             self.regs.write64(IQT, head << 4);
             if let Some(q) = self.queue.as_mut() {
                 q.tail = head;
             }
             self.regs.write32(FSTS, FSTS_IQE);
-            let _ = start;
-            return Err(IommuError::QueueError { unit, head, descriptor });
+            return Err(IommuError::QueueError {
+                unit,
+                head,
+                descriptor,
+            });
         }
         r?;
         self.stats.flush_descriptors += descs.len() as u64;
@@ -827,7 +878,9 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
     }
 
     fn domain(&self, dom: DomainId) -> Result<&Domain, IommuError> {
-        self.domains.get(&dom.0).ok_or(IommuError::NoSuchDomain(dom))
+        self.domains
+            .get(&dom.0)
+            .ok_or(IommuError::NoSuchDomain(dom))
     }
 
     /// The smallest supported table depth (3..=5) translating `bits` of address (the
@@ -921,7 +974,10 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
             self.write_entry(self.root + bus as u64 * 16, regs::root_entry(ctx));
         }
         let slot = self.context[bus] + u64::from(device.devfn()) * 16;
-        self.write_entry(slot, regs::context_entry(root_pt, regs::TT_TRANSLATE, dom.0, levels));
+        self.write_entry(
+            slot,
+            regs::context_entry(root_pt, regs::TT_TRANSLATE, dom.0, levels),
+        );
         self.devices.insert(sid, dom.0);
         if let Some(d) = self.domains.get_mut(&dom.0) {
             d.devices.insert(sid);
@@ -940,7 +996,10 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
     /// context-cache entry and the domain's IOTLB entries.
     pub fn detach(&mut self, device: Bdf) -> Result<DomainId, IommuError> {
         let sid = device.source_id();
-        let did = self.devices.remove(&sid).ok_or(IommuError::NotAttached(device))?;
+        let did = self
+            .devices
+            .remove(&sid)
+            .ok_or(IommuError::NotAttached(device))?;
         let slot = self.context[usize::from(device.bus)] + u64::from(device.devfn()) * 16;
         // Present bit first.
         self.mem.write(slot, 0);
@@ -960,21 +1019,28 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
         if len == 0 || (iova | hpa | len) & (PAGE - 1) != 0 {
             return Err(IommuError::Misaligned { iova, hpa, len });
         }
-        let end = iova
-            .checked_add(len)
-            .filter(|&e| e <= d.limit)
-            .ok_or(IommuError::OutOfRange {
-                iova,
-                len,
-                limit: d.limit,
-            })?;
+        let end =
+            iova.checked_add(len)
+                .filter(|&e| e <= d.limit)
+                .ok_or(IommuError::OutOfRange {
+                    iova,
+                    len,
+                    limit: d.limit,
+                })?;
         Ok(end)
     }
 
     /// Maps `len` bytes at `iova` to host memory at `hpa` with `perms` (read and/or
     /// write; execute and user are ignored), using large pages where alignment and
     /// CAP.SLLPS allow. All or nothing. Every frame's mapping count goes up by one.
-    pub fn map(&mut self, dom: DomainId, iova: u64, hpa: u64, len: u64, perms: Perms) -> Result<(), IommuError> {
+    pub fn map(
+        &mut self,
+        dom: DomainId,
+        iova: u64,
+        hpa: u64,
+        len: u64,
+        perms: Perms,
+    ) -> Result<(), IommuError> {
         let d = self.domain(dom)?;
         let end = self.check_range(d, iova, hpa, len)?;
         if iova < INTERRUPT_WINDOW.end && end > INTERRUPT_WINDOW.start {
@@ -989,7 +1055,11 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
         }
         self.refs.add(hpa / PAGE, len / PAGE).map_err(|e| match e {
             RefError::Overflow(pfn) => IommuError::RefcountOverflow { pfn },
-            _ => IommuError::OutOfRange { iova, len, limit: 0 },
+            _ => IommuError::OutOfRange {
+                iova,
+                len,
+                limit: 0,
+            },
         })?;
         let haw_limit = self.haw_limit();
         let coherent = self.ecap.coherent();
@@ -1089,7 +1159,11 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
         self.unmap_ranges(dom, &ranges)
     }
 
-    fn unmap_ranges(&mut self, dom: DomainId, ranges: &[(u64, u64)]) -> Result<UnmapReport, IommuError> {
+    fn unmap_ranges(
+        &mut self,
+        dom: DomainId,
+        ranges: &[(u64, u64)],
+    ) -> Result<UnmapReport, IommuError> {
         let haw_limit = self.haw_limit();
         let coherent = self.ecap.coherent();
         let Some(d) = self.domains.get_mut(&dom.0) else {
@@ -1115,9 +1189,7 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
                 };
                 let size = [PageSize::Size1G, PageSize::Size2M, PageSize::Size4K]
                     .into_iter()
-                    .find(|s| {
-                        *s <= leaf && pos.is_multiple_of(s.bytes()) && end - pos >= s.bytes()
-                    })
+                    .find(|s| *s <= leaf && pos.is_multiple_of(s.bytes()) && end - pos >= s.bytes())
                     .unwrap_or(PageSize::Size4K);
                 match d.table.unmap(&mut tm, pos, size) {
                     Ok(pa) => {
@@ -1180,7 +1252,11 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
     }
 
     /// IOTLB invalidation of page ranges `(first page, pages)` of domain `did`.
-    fn flush_range(&mut self, did: u16, ranges: &[(u64, u64)]) -> Result<Option<Flush>, IommuError> {
+    fn flush_range(
+        &mut self,
+        did: u16,
+        ranges: &[(u64, u64)],
+    ) -> Result<Option<Flush>, IommuError> {
         if ranges.iter().all(|r| r.1 == 0) {
             return Ok(None);
         }
@@ -1225,8 +1301,9 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
             return Err(IommuError::NoSuchDomain(dom));
         };
         let mut leaves = Vec::new();
-        d.table
-            .for_each_leaf(&self.mem, |_, pa, size, _| leaves.push((pa, size.bytes() / PAGE)));
+        d.table.for_each_leaf(&self.mem, |_, pa, size, _| {
+            leaves.push((pa, size.bytes() / PAGE))
+        });
         for (pa, n) in leaves {
             let _ = self.refs.remove(pa / PAGE, n, &mut report.released);
             report.live_pages += n;
@@ -1268,13 +1345,18 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
                 if w3 & (1 << 31) == 0 {
                     break;
                 }
-                let lo = u64::from(self.regs.read32(off)) | u64::from(self.regs.read32(off + 4)) << 32;
+                let lo =
+                    u64::from(self.regs.read32(off)) | u64::from(self.regs.read32(off + 4)) << 32;
                 let hi = u64::from(self.regs.read32(off + 8)) | u64::from(w3) << 32;
                 let rec = FaultRecord::decode(idx, lo, hi);
                 // F is write-1-to-clear.
                 self.regs.write32(off + 12, 1 << 31);
                 let sid = rec.source.source_id();
-                if let Some(d) = self.devices.get(&sid).and_then(|did| self.domains.get_mut(did)) {
+                if let Some(d) = self
+                    .devices
+                    .get(&sid)
+                    .and_then(|did| self.domains.get_mut(did))
+                {
                     d.stats.faults += 1;
                 }
                 report.records.push(rec);

@@ -104,8 +104,16 @@ fn init_sequence_follows_vtd_md() {
         assert!(matches!(
             after_srtp[..],
             [
-                Event::Cc { g: 1, queued: true, .. },
-                Event::Iotlb { g: 1, queued: true, .. },
+                Event::Cc {
+                    g: 1,
+                    queued: true,
+                    ..
+                },
+                Event::Iotlb {
+                    g: 1,
+                    queued: true,
+                    ..
+                },
                 Event::Wait { .. }
             ]
         ));
@@ -217,7 +225,10 @@ fn map_dma_unmap_fault() {
     assert_eq!(u.domain_stats(d).unwrap().faults, 1);
     assert_eq!(sim.borrow_mut().fsts_value_for_test(), 0);
     let st = u.domain_stats(d).unwrap();
-    assert_eq!((st.maps, st.mapped_pages, st.unmaps, st.unmapped_pages), (1, 1, 1, 1));
+    assert_eq!(
+        (st.maps, st.mapped_pages, st.unmaps, st.unmapped_pages),
+        (1, 1, 1, 1)
+    );
     assert_eq!((st.flush_descriptors, st.waits), (1, 1));
     // Read-only mapping: reads work, writes fault with reason 5.
     u.map(d, iova, RAM, K4, Perms::R).unwrap();
@@ -239,13 +250,18 @@ fn missing_flush_would_leave_a_stale_translation() {
         s.cpu_write(pt_entry, &0u64.to_le_bytes());
         s.writeback(pt_entry, 8);
     }
-    assert_eq!(dma_write(&sim, NIC, 0x20_0000, b"2"), Ok(RAM), "stale IOTLB entry");
+    assert_eq!(
+        dma_write(&sim, NIC, 0x20_0000, b"2"),
+        Ok(RAM),
+        "stale IOTLB entry"
+    );
     // A page-selective invalidation with another domain id does not drop it; one
     // with the context entry's domain id does.
     sim.borrow_mut()
         .iotlb_invalidate(3, d.did() + 1, 0x20_0000, 0, true);
     assert!(dma_read(&sim, NIC, 0x20_0000, 1).is_ok());
-    sim.borrow_mut().iotlb_invalidate(3, d.did(), 0x20_0000, 0, true);
+    sim.borrow_mut()
+        .iotlb_invalidate(3, d.did(), 0x20_0000, 0, true);
     assert_eq!(dma_read(&sim, NIC, 0x20_0000, 1), Err(6));
 }
 
@@ -429,7 +445,12 @@ fn caching_mode_flushes_on_map() {
     assert!(matches!(
         sim.borrow().events[from..],
         [
-            Event::Cc { g: 3, did: 0, sid: 0x10, queued: true },
+            Event::Cc {
+                g: 3,
+                did: 0,
+                sid: 0x10,
+                queued: true
+            },
             Event::Iotlb { g: 2, did: 1, .. },
             Event::Wait { .. }
         ]
@@ -467,10 +488,15 @@ fn non_coherent_and_coherent_units() {
     for ecap in [QEMU_ECAP, QEMU_ECAP | ECAP_C] {
         let (sim, mut u, d) = ready(QEMU_CAP, ecap);
         for i in 0..40u64 {
-            u.map(d, i * 0x20_1000, RAM + i * K4, K4, Perms::RW).unwrap();
+            u.map(d, i * 0x20_1000, RAM + i * K4, K4, Perms::RW)
+                .unwrap();
         }
         for i in 0..40u64 {
-            assert_eq!(dma_read(&sim, NIC, i * 0x20_1000, 1).map(|_| ()), Ok(()), "{i} {ecap:#x}");
+            assert_eq!(
+                dma_read(&sim, NIC, i * 0x20_1000, 1).map(|_| ()),
+                Ok(()),
+                "{i} {ecap:#x}"
+            );
         }
         if ecap & ECAP_C == 0 {
             // And the sim really hides unflushed writes.
@@ -488,14 +514,23 @@ fn large_pages_and_splitting() {
     let iova = 0x4000_0000;
     u.map(d, iova, RAM, 2 * M2, Perms::RW).unwrap();
     assert_eq!(u.translate(d, iova + M2).unwrap().2, PageSize::Size2M);
-    assert_eq!(dma_write(&sim, NIC, iova + M2 + 0x1234, b"big"), Ok(RAM + M2 + 0x1234));
+    assert_eq!(
+        dma_write(&sim, NIC, iova + M2 + 0x1234, b"big"),
+        Ok(RAM + M2 + 0x1234)
+    );
     // Unmapping one 4 KiB page inside a 2 MiB leaf splits it; the cached 2 MiB IOTLB
     // entry is dropped by the page-selective invalidation of that page.
     u.unmap(d, iova + M2 + K4, K4).unwrap();
     assert_eq!(dma_write(&sim, NIC, iova + M2 + K4, b"x"), Err(5));
     u.poll_faults();
-    assert_eq!(dma_write(&sim, NIC, iova + M2 + 0x1234 - K4, b"y"), Ok(RAM + M2 + 0x234));
-    assert_eq!(dma_write(&sim, NIC, iova + M2 + 2 * K4, b"z"), Ok(RAM + M2 + 2 * K4));
+    assert_eq!(
+        dma_write(&sim, NIC, iova + M2 + 0x1234 - K4, b"y"),
+        Ok(RAM + M2 + 0x234)
+    );
+    assert_eq!(
+        dma_write(&sim, NIC, iova + M2 + 2 * K4, b"z"),
+        Ok(RAM + M2 + 2 * K4)
+    );
     assert_eq!(u.live_pages(d), Some(1023));
     assert_eq!(u.frame_refcount((RAM + M2 + K4) / K4), 0);
     assert_eq!(u.frame_refcount((RAM + M2) / K4), 1);
@@ -513,7 +548,11 @@ fn large_pages_and_splitting() {
 
 #[test]
 fn snoop_bit_only_with_snoop_control() {
-    for (ecap, force) in [(QEMU_ECAP | ECAP_SC, true), (QEMU_ECAP, true), (QEMU_ECAP | ECAP_SC, false)] {
+    for (ecap, force) in [
+        (QEMU_ECAP | ECAP_SC, true),
+        (QEMU_ECAP, true),
+        (QEMU_ECAP | ECAP_SC, false),
+    ] {
         let (sim, mut u) = unit_with(
             QEMU_CAP,
             ecap,
@@ -537,7 +576,13 @@ fn snoop_bit_only_with_snoop_control() {
 fn bounds_and_argument_errors() {
     let (_, mut u, d) = ready(QEMU_CAP, QEMU_ECAP);
     let e = u.map(d, 0xfee0_0000, RAM, K4, Perms::RW).unwrap_err();
-    assert_eq!(e, IommuError::InterruptWindow { iova: 0xfee0_0000, len: K4 });
+    assert_eq!(
+        e,
+        IommuError::InterruptWindow {
+            iova: 0xfee0_0000,
+            len: K4
+        }
+    );
     assert!(e.to_string().contains("interrupt window"));
     assert!(u.map(d, 0xfed0_0000, RAM, 0x10_1000, Perms::RW).is_err());
     assert!(u.map(d, 0xfeef_f000, RAM, K4, Perms::RW).is_err());
@@ -564,7 +609,12 @@ fn bounds_and_argument_errors() {
             width: 39
         })
     );
-    for (iova, hpa, len) in [(0x800, RAM, K4), (0, RAM + 8, K4), (0, RAM, 100), (0, RAM, 0)] {
+    for (iova, hpa, len) in [
+        (0x800, RAM, K4),
+        (0, RAM + 8, K4),
+        (0, RAM, 100),
+        (0, RAM, 0),
+    ] {
         assert!(matches!(
             u.map(d, iova, hpa, len, Perms::RW),
             Err(IommuError::Misaligned { .. })
@@ -594,7 +644,10 @@ fn bounds_and_argument_errors() {
     assert_eq!(u.live_pages(d), Some(live));
     let ghost = DomainId::clone(&d);
     u.destroy_domain(d).unwrap();
-    assert_eq!(u.map(ghost, 0, RAM, K4, Perms::RW), Err(IommuError::NoSuchDomain(ghost)));
+    assert_eq!(
+        u.map(ghost, 0, RAM, K4, Perms::RW),
+        Err(IommuError::NoSuchDomain(ghost))
+    );
 }
 
 #[test]
@@ -602,7 +655,10 @@ fn out_of_memory_leaves_nothing_behind() {
     let (sim, mut u, d) = ready(QEMU_CAP, QEMU_ECAP);
     let live = live_frames(&sim);
     sim.borrow_mut().alloc_limit = Some(live + 1);
-    assert_eq!(u.map(d, 0x4000_0000, RAM, K4, Perms::RW), Err(IommuError::OutOfMemory));
+    assert_eq!(
+        u.map(d, 0x4000_0000, RAM, K4, Perms::RW),
+        Err(IommuError::OutOfMemory)
+    );
     assert_eq!(live_frames(&sim), live);
     assert_eq!(u.total_refs(), 0);
     assert_eq!(u.live_pages(d), Some(0));
@@ -624,7 +680,13 @@ fn refcounts_across_iovas_and_domains() {
     assert!(u.unmap(d2, 0x1000, K4).unwrap().released.is_empty());
     assert_eq!(u.frame_refcount(frame), 1);
     let r = u.unmap(d, 0x9000, K4).unwrap();
-    assert_eq!(r.released, [crate::refcount::FrameRange { start: frame, count: 1 }]);
+    assert_eq!(
+        r.released,
+        [crate::refcount::FrameRange {
+            start: frame,
+            count: 1
+        }]
+    );
     assert_eq!(u.total_refs(), 0);
 }
 
@@ -640,7 +702,8 @@ fn destroy_with_live_mappings_returns_counts_to_zero() {
     u.map(d, 0, RAM, 4 * M2, Perms::RW).unwrap();
     u.map(d, 0x1000_0000, RAM, 3 * K4, Perms::R).unwrap();
     for i in 0..20 {
-        u.map(d, 0x2000_0000 + i * 0x40_0000, RAM + i * K4, K4, Perms::RW).unwrap();
+        u.map(d, 0x2000_0000 + i * 0x40_0000, RAM + i * K4, K4, Perms::RW)
+            .unwrap();
     }
     u.map(d2, 0, RAM, K4, Perms::RW).unwrap();
     assert!(dma_read(&sim, NIC2, 0x2000_0000, 4).is_ok());
@@ -682,7 +745,10 @@ fn faults_decode_and_overflow() {
     let f = u.poll_faults();
     assert_eq!(f.records.len(), 1);
     assert_eq!(f.records[0].reason, 4);
-    assert_eq!(f.records[0].reason_name(), "address beyond the guest address width");
+    assert_eq!(
+        f.records[0].reason_name(),
+        "address beyond the guest address width"
+    );
     assert!(!f.records[0].write);
     assert!(f.overflow);
     assert_eq!(u.stats().fault_overflows, 1);
@@ -697,12 +763,18 @@ fn faults_decode_and_overflow() {
     let cap4 = QEMU_CAP | 3 << 40;
     let (sim, mut u, _) = ready(cap4, QEMU_ECAP);
     sim.borrow_mut().next_frcd = 2;
-    for (i, dev) in [Bdf::new(0, 4, 0), Bdf::new(0, 5, 0), Bdf::new(0, 6, 0)].iter().enumerate() {
+    for (i, dev) in [Bdf::new(0, 4, 0), Bdf::new(0, 5, 0), Bdf::new(0, 6, 0)]
+        .iter()
+        .enumerate()
+    {
         assert_eq!(dma_read(&sim, *dev, i as u64 * K4, 1), Err(2));
     }
     let f = u.poll_faults();
     assert_eq!(
-        f.records.iter().map(|r| (r.index, r.source.dev)).collect::<Vec<_>>(),
+        f.records
+            .iter()
+            .map(|r| (r.index, r.source.dev))
+            .collect::<Vec<_>>(),
         [(2, 4), (3, 5), (0, 6)]
     );
     // Fault interrupt programming uses 32-bit writes only (64-bit ones panic in the
@@ -735,8 +807,16 @@ fn hung_hardware_times_out() {
     // Init on a unit that never sets QIES fails cleanly and hands the parts back.
     let sim = Sim::new(QEMU_CAP, QEMU_ECAP);
     sim.borrow_mut().stuck = GSTS_QIES;
-    let r = SimUnit::new(SimRegs(sim.clone()), SimMem(sim.clone()), SimHost(sim.clone()), cfg());
-    assert!(matches!(r.map_err(|e| e.0), Err(IommuError::Timeout { .. })));
+    let r = SimUnit::new(
+        SimRegs(sim.clone()),
+        SimMem(sim.clone()),
+        SimHost(sim.clone()),
+        cfg(),
+    );
+    assert!(matches!(
+        r.map_err(|e| e.0),
+        Err(IommuError::Timeout { .. })
+    ));
 }
 
 #[test]
@@ -765,7 +845,10 @@ fn attach_detach_rules_and_domain_ids() {
     u.attach(a, NIC).unwrap();
     assert_eq!(
         u.attach(b, NIC),
-        Err(IommuError::DeviceBusy { device: NIC, domain: a })
+        Err(IommuError::DeviceBusy {
+            device: NIC,
+            domain: a
+        })
     );
     assert_eq!(u.device_domain(NIC), Some(a));
     u.enable_translation().unwrap();
@@ -776,17 +859,29 @@ fn attach_detach_rules_and_domain_ids() {
     assert!(matches!(
         sim.borrow().events[from..],
         [
-            Event::Cc { g: 3, did: 1, sid: 0x10, .. },
+            Event::Cc {
+                g: 3,
+                did: 1,
+                sid: 0x10,
+                ..
+            },
             Event::Iotlb { g: 2, did: 1, .. },
             Event::Wait { .. }
         ]
     ));
-    assert_eq!(dma_read(&sim, NIC, 0, 1), Err(2), "context cache and IOTLB dropped");
+    assert_eq!(
+        dma_read(&sim, NIC, 0, 1),
+        Err(2),
+        "context cache and IOTLB dropped"
+    );
     assert_eq!(u.detach(NIC), Err(IommuError::NotAttached(NIC)));
     u.attach(b, NIC).unwrap();
     u.map(b, 0, RAM + K4, K4, Perms::RW).unwrap();
     assert_eq!(dma_read(&sim, NIC, 0, 1).map(|_| ()), Ok(()));
-    assert_eq!(sim.borrow_mut().dma(NIC.source_id(), 0, true, &mut [1]), Ok(RAM + K4));
+    assert_eq!(
+        sim.borrow_mut().dma(NIC.source_id(), 0, true, &mut [1]),
+        Ok(RAM + K4)
+    );
     // A device on another bus gets its own context table.
     let far = Bdf::new(5, 0, 0);
     let frames = live_frames(&sim);
@@ -816,21 +911,45 @@ fn table_depth_from_sagaw_and_mgaw() {
     // QEMU's default unit caps everything at 39 bits / 3 levels.
     let (_, mut u) = qemu_unit();
     let d = u.create_domain(48).unwrap();
-    assert_eq!((u.domain_levels(d), u.domain_limit(d)), (Some(3), Some(1 << 39)));
+    assert_eq!(
+        (u.domain_levels(d), u.domain_limit(d)),
+        (Some(3), Some(1 << 39))
+    );
     // A unit without any usable depth is refused.
     let sim = Sim::new(QEMU_CAP & !(0x1f << 8), QEMU_ECAP);
-    let r = SimUnit::new(SimRegs(sim.clone()), SimMem(sim.clone()), SimHost(sim), cfg());
-    assert!(matches!(r.map_err(|e| e.0), Err(IommuError::Unsupported { .. })));
+    let r = SimUnit::new(
+        SimRegs(sim.clone()),
+        SimMem(sim.clone()),
+        SimHost(sim),
+        cfg(),
+    );
+    assert!(matches!(
+        r.map_err(|e| e.0),
+        Err(IommuError::Unsupported { .. })
+    ));
 }
 
 // ---- model-based -----------------------------------------------------------
 
 #[derive(Clone, Debug)]
 enum Op {
-    Map { page: u64, pages: u64, frame: u64, write: bool },
-    Unmap { page: u64, pages: u64 },
-    UnmapPages { pages: Vec<u64> },
-    Dma { page: u64, write: bool },
+    Map {
+        page: u64,
+        pages: u64,
+        frame: u64,
+        write: bool,
+    },
+    Unmap {
+        page: u64,
+        pages: u64,
+    },
+    UnmapPages {
+        pages: Vec<u64>,
+    },
+    Dma {
+        page: u64,
+        write: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -846,6 +965,37 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// DMA-reads every page (filling the IOTLB with what is mapped), then drops the
+/// faults this caused.
+fn warm(sim: &Shared, iovas: impl Iterator<Item = u64>) {
+    for v in iovas {
+        let _ = sim
+            .borrow_mut()
+            .dma(NIC.source_id(), v, false, &mut [0u8; 1]);
+        let mut s = sim.borrow_mut();
+        for r in s.frcd.iter_mut() {
+            r[1] = 0;
+        }
+        s.fsts = 0;
+    }
+}
+
+/// Every page must fault now, and write nothing.
+fn gone(
+    sim: &Shared,
+    u: &mut SimUnit,
+    iovas: impl Iterator<Item = u64>,
+) -> Result<(), TestCaseError> {
+    for v in iovas {
+        let r = sim
+            .borrow_mut()
+            .dma(NIC.source_id(), v, true, &mut [0xee; 1]);
+        prop_assert_eq!(r, Err(5), "iova {:#x} still translates after unmap", v);
+        u.poll_faults();
+    }
+    Ok(())
+}
+
 fn run_model(cap: u64, ecap: u64, ops: &[Op]) -> Result<(), TestCaseError> {
     let (sim, mut u, d) = ready(cap, ecap);
     let base = live_frames(&sim);
@@ -855,7 +1005,12 @@ fn run_model(cap: u64, ecap: u64, ops: &[Op]) -> Result<(), TestCaseError> {
     let iova = |p: u64| 0x100_0000 + p * K4;
     for o in ops {
         match o {
-            Op::Map { page, pages, frame, write } => {
+            Op::Map {
+                page,
+                pages,
+                frame,
+                write,
+            } => {
                 let perms = if *write { Perms::RW } else { Perms::R };
                 let free = (*page..page + pages).all(|p| !model.contains_key(&p));
                 let hpa = RAM + frame * K4;
@@ -870,6 +1025,7 @@ fn run_model(cap: u64, ecap: u64, ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::Unmap { page, pages } => {
                 let all = (*page..page + pages).all(|p| model.contains_key(&p));
+                warm(&sim, (*page..page + pages).map(iova));
                 let r = u.unmap(d, iova(*page), pages * K4);
                 prop_assert_eq!(r.is_ok(), all, "{:?}: {:?}", o, r);
                 if all {
@@ -884,6 +1040,7 @@ fn run_model(cap: u64, ecap: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                         }
                     }
                     released.sort_unstable();
+                    gone(&sim, &mut u, (*page..page + pages).map(iova))?;
                     let mut got: Vec<u64> = r
                         .unwrap()
                         .released
@@ -900,9 +1057,11 @@ fn run_model(cap: u64, ecap: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                 s.dedup();
                 let ok = s.len() == pages.len() && s.iter().all(|p| model.contains_key(p));
                 let v: Vec<u64> = pages.iter().map(|&p| iova(p)).collect();
+                warm(&sim, v.iter().copied());
                 let r = u.unmap_pages(d, &v);
                 prop_assert_eq!(r.is_ok(), ok, "{:?}: {:?}", o, r);
                 if ok {
+                    gone(&sim, &mut u, v.iter().copied())?;
                     for p in pages {
                         let (f, _) = model.remove(p).unwrap();
                         let c = refs.get_mut(&f).unwrap();
@@ -914,7 +1073,9 @@ fn run_model(cap: u64, ecap: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                 }
             }
             Op::Dma { page, write } => {
-                let r = sim.borrow_mut().dma(NIC.source_id(), iova(*page) + 8, *write, &mut [7u8; 4]);
+                let r =
+                    sim.borrow_mut()
+                        .dma(NIC.source_id(), iova(*page) + 8, *write, &mut [7u8; 4]);
                 let want = match model.get(page) {
                     Some(&(f, w)) if w || !*write => Ok(RAM + f * K4 + 8),
                     _ => Err(if *write { 5 } else { 6 }),
@@ -927,18 +1088,27 @@ fn run_model(cap: u64, ecap: u64, ops: &[Op]) -> Result<(), TestCaseError> {
         for (&f, &c) in &refs {
             prop_assert_eq!(u.frame_refcount(RAM / K4 + f), c);
         }
-        prop_assert_eq!(u.total_refs(), refs.values().map(|&c| u64::from(c)).sum::<u64>());
+        prop_assert_eq!(
+            u.total_refs(),
+            refs.values().map(|&c| u64::from(c)).sum::<u64>()
+        );
     }
     // Every mapped page translates for the device as modelled (through whatever
     // the IOTLB holds).
     for (&p, &(f, _)) in &model {
-        let r = sim.borrow_mut().dma(NIC.source_id(), iova(p), false, &mut [0u8; 1]);
+        let r = sim
+            .borrow_mut()
+            .dma(NIC.source_id(), iova(p), false, &mut [0u8; 1]);
         prop_assert_eq!(r, Ok(RAM + f * K4));
     }
     let r = u.destroy_domain(d).unwrap();
     prop_assert_eq!(r.live_pages, model.len() as u64);
     prop_assert_eq!(u.total_refs(), 0);
-    prop_assert_eq!(live_frames(&sim), base - 1, "the domain's root table is gone too");
+    prop_assert_eq!(
+        live_frames(&sim),
+        base - 1,
+        "the domain's root table is gone too"
+    );
     Ok(())
 }
 
