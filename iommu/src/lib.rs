@@ -9,6 +9,7 @@ pub mod refcount;
 pub mod regs;
 pub mod unit;
 
+pub mod pci;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
