@@ -8,7 +8,7 @@
 //! - [`regs`]: register offsets, [`regs::Cap`]/[`regs::Ecap`] decoding, GCMD/GSTS,
 //!   FSTS bits, invalidation descriptors, root/context entries, fault records, and
 //!   the [`regs::Mmio`] trait;
-//! - [`unit`]: [`unit::Unit`], the driver of one remapping unit (root and context
+//! - [`unit`](mod@unit): [`unit::Unit`], the driver of one remapping unit (root and context
 //!   tables, per-domain second-level tables built by the `pagetable` crate,
 //!   queued or register invalidation, batched unmaps, frame reference counts,
 //!   fault polling, counters);
