@@ -13,7 +13,7 @@ pub mod bundle;
 pub mod config;
 pub mod guest_walk;
 pub mod loader;
-pub mod paging;
+pub use pagetable as paging;
 
 #[allow(unsafe_code)]
 pub mod arch;

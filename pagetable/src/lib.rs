@@ -8,11 +8,16 @@
 //! memory holding the tables is reached through [`PhysMem`], so the same code runs on
 //! the host (tests) and on bare metal.
 //!
+//! A format is a value: [`X86`], [`Npt`] and [`Ept`] are unit structs, while [`VtdSl`]
+//! carries what the remapping unit supports (large pages from CAP.SLLPS, the snoop bit
+//! from ECAP.SC), so one walker builds exactly the entries a given unit accepts.
+//!
 //! The walker never flushes TLBs or IOTLBs: after `unmap` (or any permission change)
 //! the caller invalidates whatever caches the format has.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
 
 use core::fmt;
-use core::marker::PhantomData;
 
 /// Access to the physical memory that holds page tables.
 pub trait PhysMem {
@@ -146,8 +151,9 @@ pub const MAX_PHYS: u64 = 1 << 52;
 
 /// The encoding of one page-table format.
 ///
-/// Levels are numbered from 1 (4 KiB leaves) up to the root level.
-pub trait EntryFormat {
+/// Levels are numbered from 1 (4 KiB leaves) up to the root level. Methods take
+/// `&self` so that a format can depend on what the hardware supports ([`VtdSl`]).
+pub trait EntryFormat: Copy {
     /// A short name for messages.
     const NAME: &'static str;
     /// Whether virtual (input) addresses must be canonical (sign-extended from the top
@@ -155,29 +161,29 @@ pub trait EntryFormat {
     const CANONICAL: bool = false;
 
     /// Whether a table with `levels` levels is valid in this format.
-    fn levels_supported(levels: u8) -> bool;
+    fn levels_supported(&self, levels: u8) -> bool;
     /// Whether the entry is present (maps or points at something).
-    fn is_present(entry: u64) -> bool;
+    fn is_present(&self, entry: u64) -> bool;
     /// Whether a present entry at `level` is a leaf (always at level 1; at levels 2
     /// and 3 when its large-page bit is set; never above).
-    fn is_leaf(entry: u64, level: u8) -> bool;
+    fn is_leaf(&self, entry: u64, level: u8) -> bool;
     /// The address in the entry (bits 12..51); for a large leaf the caller masks it to
     /// the page size.
-    fn address(entry: u64) -> u64 {
+    fn address(&self, entry: u64) -> u64 {
         entry & ADDR_MASK
     }
     /// A non-leaf entry pointing at the table at `table`.
-    fn table_entry(table: u64) -> u64;
+    fn table_entry(&self, table: u64) -> u64;
     /// A leaf mapping `pa` with a page of `size` and rights `perms` (already
     /// normalized).
-    fn leaf_entry(pa: u64, size: PageSize, perms: Perms) -> u64;
+    fn leaf_entry(&self, pa: u64, size: PageSize, perms: Perms) -> u64;
     /// The rights a present entry grants (table entries too: a walk ANDs them).
-    fn perms(entry: u64) -> Perms;
+    fn perms(&self, entry: u64) -> Perms;
     /// Whether leaves of `size` may be built (4 KiB is always allowed).
-    fn large_page_allowed(size: PageSize) -> bool;
+    fn large_page_allowed(&self, size: PageSize) -> bool;
     /// The rights this format actually stores for a request of `perms`, or `None`
     /// when they would not make a present entry.
-    fn normalize(perms: Perms) -> Option<Perms>;
+    fn normalize(&self, perms: Perms) -> Option<Perms>;
 }
 
 /// What an entry means, decoded without a [`PageTable`].
@@ -206,22 +212,22 @@ pub enum Decoded {
 /// Decodes `entry` found at `level` (1..=5) of a table in format `F`.
 ///
 /// Out-of-range levels decode as [`Decoded::NotPresent`].
-pub fn decode<F: EntryFormat>(entry: u64, level: u8) -> Decoded {
-    if level == 0 || level > 5 || !F::is_present(entry) {
+pub fn decode<F: EntryFormat>(format: &F, entry: u64, level: u8) -> Decoded {
+    if level == 0 || level > 5 || !format.is_present(entry) {
         return Decoded::NotPresent;
     }
-    let perms = F::perms(entry);
-    if F::is_leaf(entry, level) {
+    let perms = format.perms(entry);
+    if format.is_leaf(entry, level) {
         if let Some(size) = PageSize::from_level(level) {
             return Decoded::Leaf {
-                addr: F::address(entry) & !(size.bytes() - 1),
+                addr: format.address(entry) & !(size.bytes() - 1),
                 size,
                 perms,
             };
         }
     }
     Decoded::Table {
-        addr: F::address(entry),
+        addr: format.address(entry),
         perms,
     }
 }
@@ -265,34 +271,35 @@ fn x86_perms(entry: u64) -> Perms {
 /// Host x86-64 paging (4- or 5-level; canonical addresses). Table entries are
 /// `P|RW|US`; rights are enforced at the leaves; `exec == false` sets NX. Every present
 /// entry is readable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct X86;
 
 impl EntryFormat for X86 {
     const NAME: &'static str = "x86-64";
     const CANONICAL: bool = true;
 
-    fn levels_supported(levels: u8) -> bool {
+    fn levels_supported(&self, levels: u8) -> bool {
         levels == 4 || levels == 5
     }
-    fn is_present(entry: u64) -> bool {
+    fn is_present(&self, entry: u64) -> bool {
         entry & P != 0
     }
-    fn is_leaf(entry: u64, level: u8) -> bool {
+    fn is_leaf(&self, entry: u64, level: u8) -> bool {
         x86_is_leaf(entry, level)
     }
-    fn table_entry(table: u64) -> u64 {
+    fn table_entry(&self, table: u64) -> u64 {
         (table & ADDR_MASK) | P | RW | US
     }
-    fn leaf_entry(pa: u64, size: PageSize, perms: Perms) -> u64 {
+    fn leaf_entry(&self, pa: u64, size: PageSize, perms: Perms) -> u64 {
         x86_leaf(pa, size, perms)
     }
-    fn perms(entry: u64) -> Perms {
+    fn perms(&self, entry: u64) -> Perms {
         x86_perms(entry)
     }
-    fn large_page_allowed(_size: PageSize) -> bool {
+    fn large_page_allowed(&self, _size: PageSize) -> bool {
         true
     }
-    fn normalize(perms: Perms) -> Option<Perms> {
+    fn normalize(&self, perms: Perms) -> Option<Perms> {
         Some(Perms {
             read: true,
             ..perms
@@ -303,33 +310,34 @@ impl EntryFormat for X86 {
 /// AMD nested page tables: the x86-64 encoding, except that nested walks are user
 /// accesses, so US is set in every entry (tables `P|RW|US` = 0x7, leaves too);
 /// translations therefore always report `user: true`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Npt;
 
 impl EntryFormat for Npt {
     const NAME: &'static str = "NPT";
 
-    fn levels_supported(levels: u8) -> bool {
+    fn levels_supported(&self, levels: u8) -> bool {
         levels == 4 || levels == 5
     }
-    fn is_present(entry: u64) -> bool {
+    fn is_present(&self, entry: u64) -> bool {
         entry & P != 0
     }
-    fn is_leaf(entry: u64, level: u8) -> bool {
+    fn is_leaf(&self, entry: u64, level: u8) -> bool {
         x86_is_leaf(entry, level)
     }
-    fn table_entry(table: u64) -> u64 {
+    fn table_entry(&self, table: u64) -> u64 {
         (table & ADDR_MASK) | P | RW | US
     }
-    fn leaf_entry(pa: u64, size: PageSize, perms: Perms) -> u64 {
+    fn leaf_entry(&self, pa: u64, size: PageSize, perms: Perms) -> u64 {
         x86_leaf(pa, size, perms.with_user())
     }
-    fn perms(entry: u64) -> Perms {
+    fn perms(&self, entry: u64) -> Perms {
         x86_perms(entry)
     }
-    fn large_page_allowed(_size: PageSize) -> bool {
+    fn large_page_allowed(&self, _size: PageSize) -> bool {
         true
     }
-    fn normalize(perms: Perms) -> Option<Perms> {
+    fn normalize(&self, perms: Perms) -> Option<Perms> {
         Some(Perms {
             read: true,
             user: true,
@@ -348,24 +356,25 @@ const EPT_MT_WB: u64 = 6 << 3;
 /// Intel EPT: R=1, W=2, X=4 (non-leaf entries R|W|X), leaves write-back (6 << 3),
 /// bit 7 for large leaves; present = any of R/W/X. There is no user bit; write
 /// without read is a misconfiguration, so a write request also grants read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ept;
 
 impl EntryFormat for Ept {
     const NAME: &'static str = "EPT";
 
-    fn levels_supported(levels: u8) -> bool {
+    fn levels_supported(&self, levels: u8) -> bool {
         levels == 4 || levels == 5
     }
-    fn is_present(entry: u64) -> bool {
+    fn is_present(&self, entry: u64) -> bool {
         entry & EPT_RWX != 0
     }
-    fn is_leaf(entry: u64, level: u8) -> bool {
+    fn is_leaf(&self, entry: u64, level: u8) -> bool {
         x86_is_leaf(entry, level)
     }
-    fn table_entry(table: u64) -> u64 {
+    fn table_entry(&self, table: u64) -> u64 {
         (table & ADDR_MASK) | EPT_RWX
     }
-    fn leaf_entry(pa: u64, size: PageSize, perms: Perms) -> u64 {
+    fn leaf_entry(&self, pa: u64, size: PageSize, perms: Perms) -> u64 {
         let mut e = (pa & ADDR_MASK) | EPT_MT_WB;
         if perms.read {
             e |= EPT_R;
@@ -381,7 +390,7 @@ impl EntryFormat for Ept {
         }
         e
     }
-    fn perms(entry: u64) -> Perms {
+    fn perms(&self, entry: u64) -> Perms {
         Perms {
             read: entry & EPT_R != 0,
             write: entry & EPT_W != 0,
@@ -389,10 +398,10 @@ impl EntryFormat for Ept {
             user: false,
         }
     }
-    fn large_page_allowed(_size: PageSize) -> bool {
+    fn large_page_allowed(&self, _size: PageSize) -> bool {
         true
     }
-    fn normalize(perms: Perms) -> Option<Perms> {
+    fn normalize(&self, perms: Perms) -> Option<Perms> {
         let p = Perms {
             read: perms.read || perms.write,
             user: false,
@@ -404,28 +413,72 @@ impl EntryFormat for Ept {
 
 const SL_R: u64 = 1;
 const SL_W: u64 = 1 << 1;
+/// SNP (snoop) in second-level leaves: reserved unless ECAP.SC.
+pub const VTD_SL_SNP: u64 = 1 << 11;
 
-/// VT-d second-level tables (3-level = 39-bit or 4-level = 48-bit address width;
-/// 5-level too): R=1, W=2, bit 7 for super-pages, non-leaf entries R|W. No execute or
-/// user rights: they are dropped.
-pub struct VtdSl;
+/// VT-d second-level tables (3-level = 39-bit, 4-level = 48-bit, 5-level = 57-bit
+/// address width) in legacy mode.
+///
+/// Encoding: R=1, W=2; non-leaf entries always R|W (a walk ANDs the rights, so a
+/// table entry must not restrict them); bit 7 (PS) only in 2 MiB (level 2) and 1 GiB
+/// (level 3) leaves, and only when the unit reports those sizes in CAP.SLLPS (bit 7
+/// is reserved at levels 4 and 5 and never written there); SNP (bit 11) only in
+/// leaves and only when `snoop` is set, which the caller does only with ECAP.SC.
+/// Execute and user rights do not exist and are dropped. Write-only leaves are valid.
+///
+/// [`Default`] is the most restrictive unit: 4 KiB pages only, no snoop bit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VtdSl {
+    /// 2 MiB leaves allowed (CAP.SLLPS bit 0, i.e. CAP bit 34).
+    pub pages_2m: bool,
+    /// 1 GiB leaves allowed (CAP.SLLPS bit 1, i.e. CAP bit 35).
+    pub pages_1g: bool,
+    /// Set SNP (bit 11) in leaves (only with ECAP.SC).
+    pub snoop: bool,
+}
+
+impl VtdSl {
+    /// 4 KiB pages only, no snoop bit (what every unit accepts).
+    pub const BASIC: VtdSl = VtdSl {
+        pages_2m: false,
+        pages_1g: false,
+        snoop: false,
+    };
+    /// 2 MiB and 1 GiB pages, no snoop bit (QEMU's default unit).
+    pub const LARGE: VtdSl = VtdSl {
+        pages_2m: true,
+        pages_1g: true,
+        snoop: false,
+    };
+
+    /// The format a unit with CAP.SLLPS = `sllps` (CAP bits 34..37, already shifted
+    /// down) and ECAP.SC = `snoop_control` accepts. `force_snoop` asks for SNP in
+    /// every leaf; it is ignored without snoop control.
+    pub const fn from_caps(sllps: u8, snoop_control: bool, force_snoop: bool) -> VtdSl {
+        VtdSl {
+            pages_2m: sllps & 1 != 0,
+            pages_1g: sllps & 2 != 0,
+            snoop: snoop_control && force_snoop,
+        }
+    }
+}
 
 impl EntryFormat for VtdSl {
     const NAME: &'static str = "VT-d second-level";
 
-    fn levels_supported(levels: u8) -> bool {
+    fn levels_supported(&self, levels: u8) -> bool {
         (3..=5).contains(&levels)
     }
-    fn is_present(entry: u64) -> bool {
+    fn is_present(&self, entry: u64) -> bool {
         entry & (SL_R | SL_W) != 0
     }
-    fn is_leaf(entry: u64, level: u8) -> bool {
+    fn is_leaf(&self, entry: u64, level: u8) -> bool {
         x86_is_leaf(entry, level)
     }
-    fn table_entry(table: u64) -> u64 {
+    fn table_entry(&self, table: u64) -> u64 {
         (table & ADDR_MASK) | SL_R | SL_W
     }
-    fn leaf_entry(pa: u64, size: PageSize, perms: Perms) -> u64 {
+    fn leaf_entry(&self, pa: u64, size: PageSize, perms: Perms) -> u64 {
         let mut e = pa & ADDR_MASK;
         if perms.read {
             e |= SL_R;
@@ -436,9 +489,12 @@ impl EntryFormat for VtdSl {
         if size != PageSize::Size4K {
             e |= PS;
         }
+        if self.snoop {
+            e |= VTD_SL_SNP;
+        }
         e
     }
-    fn perms(entry: u64) -> Perms {
+    fn perms(&self, entry: u64) -> Perms {
         Perms {
             read: entry & SL_R != 0,
             write: entry & SL_W != 0,
@@ -446,10 +502,14 @@ impl EntryFormat for VtdSl {
             user: false,
         }
     }
-    fn large_page_allowed(_size: PageSize) -> bool {
-        true
+    fn large_page_allowed(&self, size: PageSize) -> bool {
+        match size {
+            PageSize::Size4K => true,
+            PageSize::Size2M => self.pages_2m,
+            PageSize::Size1G => self.pages_1g,
+        }
     }
-    fn normalize(perms: Perms) -> Option<Perms> {
+    fn normalize(&self, perms: Perms) -> Option<Perms> {
         let p = Perms {
             exec: false,
             user: false,
@@ -509,8 +569,8 @@ fn slot(table: u64, va: u64, level: u8) -> u64 {
     table + index(va, level) * 8
 }
 
-fn table_is_empty<F: EntryFormat>(mem: &impl PhysMem, table: u64) -> bool {
-    (0..ENTRIES).all(|i| !F::is_present(mem.read(table + i * 8)))
+fn table_is_empty<F: EntryFormat>(format: &F, mem: &impl PhysMem, table: u64) -> bool {
+    (0..ENTRIES).all(|i| !format.is_present(mem.read(table + i * 8)))
 }
 
 /// A page table in format `F`, identified by its root frame. The table does not own
@@ -518,43 +578,80 @@ fn table_is_empty<F: EntryFormat>(mem: &impl PhysMem, table: u64) -> bool {
 pub struct PageTable<F: EntryFormat> {
     root: u64,
     levels: u8,
-    format: PhantomData<fn() -> F>,
+    fmt: F,
 }
 
-impl<F: EntryFormat> fmt::Debug for PageTable<F> {
+impl<F: EntryFormat + fmt::Debug> fmt::Debug for PageTable<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PageTable")
             .field("format", &F::NAME)
+            .field("options", &self.fmt)
             .field("root", &format_args!("{:#x}", self.root))
             .field("levels", &self.levels)
             .finish()
     }
 }
 
-impl<F: EntryFormat> PageTable<F> {
+impl<F: EntryFormat + Default> PageTable<F> {
     /// A new, empty table with `levels` levels (4 for X86/Npt/Ept; 3 or 4 for VtdSl;
-    /// 5 where the format has it).
+    /// 5 where the format has it), in the format's default variant.
     pub fn new(mem: &mut impl PhysMem, levels: u8) -> Result<Self, MapError> {
-        if !F::levels_supported(levels) {
-            return Err(MapError::UnsupportedLevels);
-        }
-        let root = mem.alloc_table().ok_or(MapError::OutOfMemory)?;
-        Ok(PageTable {
-            root: root & ADDR_MASK,
-            levels,
-            format: PhantomData,
-        })
+        Self::with_format(mem, F::default(), levels)
     }
 
     /// Adopts an existing table whose root frame is at `root` (bits below 12, such as
     /// CR3 or EPTP flags, are ignored). With a level count the format does not
     /// support, every operation fails ([`MapError::UnsupportedLevels`], or `None`).
     pub fn from_root(root: u64, levels: u8) -> Self {
+        Self::from_root_with(F::default(), root, levels)
+    }
+}
+
+impl<F: EntryFormat> PageTable<F> {
+    /// A new, empty table in the format variant `format` (e.g. a [`VtdSl`] built from
+    /// a unit's capabilities).
+    pub fn with_format(mem: &mut impl PhysMem, format: F, levels: u8) -> Result<Self, MapError> {
+        if !format.levels_supported(levels) {
+            return Err(MapError::UnsupportedLevels);
+        }
+        let root = mem.alloc_table().ok_or(MapError::OutOfMemory)?;
+        Ok(PageTable {
+            root: root & ADDR_MASK,
+            levels,
+            fmt: format,
+        })
+    }
+
+    /// [`PageTable::from_root`] with an explicit format variant.
+    pub fn from_root_with(format: F, root: u64, levels: u8) -> Self {
         PageTable {
             root: root & ADDR_MASK,
             levels,
-            format: PhantomData,
+            fmt: format,
         }
+    }
+
+    /// The format variant entries are built with.
+    pub fn format(&self) -> F {
+        self.fmt
+    }
+
+    /// The largest leaf size this table can hold (limited by the format and by the
+    /// level count).
+    pub fn max_page_size(&self) -> PageSize {
+        for size in PageSize::DESCENDING {
+            if size.level() <= self.levels
+                && (size == PageSize::Size4K || self.fmt.large_page_allowed(size))
+            {
+                return size;
+            }
+        }
+        PageSize::Size4K
+    }
+
+    /// Bits of input address the table translates (`12 + 9 * levels`).
+    pub fn address_width(&self) -> u32 {
+        self.width()
     }
 
     /// Physical address of the root frame.
@@ -586,7 +683,7 @@ impl<F: EntryFormat> PageTable<F> {
     }
 
     fn check_levels(&self) -> Result<(), MapError> {
-        if F::levels_supported(self.levels) && usize::from(self.levels) <= MAX_LEVELS {
+        if self.fmt.levels_supported(self.levels) && usize::from(self.levels) <= MAX_LEVELS {
             Ok(())
         } else {
             Err(MapError::UnsupportedLevels)
@@ -594,7 +691,7 @@ impl<F: EntryFormat> PageTable<F> {
     }
 
     fn size_ok(&self, size: PageSize) -> Result<(), MapError> {
-        if size != PageSize::Size4K && !F::large_page_allowed(size) {
+        if size != PageSize::Size4K && !self.fmt.large_page_allowed(size) {
             return Err(MapError::LargePageUnsupported);
         }
         if size.level() > self.levels {
@@ -626,7 +723,7 @@ impl<F: EntryFormat> PageTable<F> {
         {
             return Err(MapError::OutOfRange);
         }
-        let perms = F::normalize(perms).ok_or(MapError::NoAccess)?;
+        let perms = self.fmt.normalize(perms).ok_or(MapError::NoAccess)?;
         let target = size.level();
 
         // Tables created by this call, to undo on failure: (slot in parent, table).
@@ -637,36 +734,36 @@ impl<F: EntryFormat> PageTable<F> {
         while level > target {
             let s = slot(table, va, level);
             let e = mem.read(s);
-            if !F::is_present(e) {
+            if !self.fmt.is_present(e) {
                 let Some(new) = mem.alloc_table() else {
                     Self::undo_created(mem, &created[..n_created]);
                     return Err(MapError::OutOfMemory);
                 };
                 let new = new & ADDR_MASK;
-                mem.write(s, F::table_entry(new));
+                mem.write(s, self.fmt.table_entry(new));
                 created[n_created] = (s, new);
                 n_created += 1;
                 table = new;
-            } else if F::is_leaf(e, level) {
+            } else if self.fmt.is_leaf(e, level) {
                 // A larger page already covers it (tables we created are empty, so
                 // this happens only before any creation).
                 Self::undo_created(mem, &created[..n_created]);
                 return Err(MapError::AlreadyMapped);
             } else {
-                table = F::address(e);
+                table = self.fmt.address(e);
             }
             level -= 1;
         }
         let s = slot(table, va, target);
         let e = mem.read(s);
-        if F::is_present(e) {
-            if F::is_leaf(e, target) || !table_is_empty::<F>(mem, F::address(e)) {
+        if self.fmt.is_present(e) {
+            if self.fmt.is_leaf(e, target) || !table_is_empty(&self.fmt, mem, self.fmt.address(e)) {
                 return Err(MapError::AlreadyMapped);
             }
             // An empty subtable left behind (adopted tables): replace it.
-            mem.free_table(F::address(e));
+            mem.free_table(self.fmt.address(e));
         }
-        mem.write(s, F::leaf_entry(pa, size, perms));
+        mem.write(s, self.fmt.leaf_entry(pa, size, perms));
         Ok(())
     }
 
@@ -680,7 +777,7 @@ impl<F: EntryFormat> PageTable<F> {
     fn pick_size(&self, va: u64, pa: u64, remaining: u64, max: PageSize) -> PageSize {
         for size in PageSize::DESCENDING {
             if size > max
-                || (size != PageSize::Size4K && !F::large_page_allowed(size))
+                || (size != PageSize::Size4K && !self.fmt.large_page_allowed(size))
                 || size.level() > self.levels
             {
                 continue;
@@ -779,7 +876,7 @@ impl<F: EntryFormat> PageTable<F> {
             tables[depth] = table;
             slots[depth] = s;
             let e = mem.read(s);
-            let fail = !F::is_present(e) || (level == target && !F::is_leaf(e, level));
+            let fail = !self.fmt.is_present(e) || (level == target && !self.fmt.is_leaf(e, level));
             if fail {
                 Self::undo_splits(mem, &splits[..n_splits]);
                 return Err(MapError::NotMapped);
@@ -787,14 +884,14 @@ impl<F: EntryFormat> PageTable<F> {
             if level == target {
                 break e;
             }
-            if F::is_leaf(e, level) {
+            if self.fmt.is_leaf(e, level) {
                 let (Some(big), Some(small)) =
                     (PageSize::from_level(level), PageSize::from_level(level - 1))
                 else {
                     Self::undo_splits(mem, &splits[..n_splits]);
                     return Err(MapError::NotMapped);
                 };
-                if small != PageSize::Size4K && !F::large_page_allowed(small) {
+                if small != PageSize::Size4K && !self.fmt.large_page_allowed(small) {
                     Self::undo_splits(mem, &splits[..n_splits]);
                     return Err(MapError::LargePageUnsupported);
                 }
@@ -803,30 +900,30 @@ impl<F: EntryFormat> PageTable<F> {
                     return Err(MapError::OutOfMemory);
                 };
                 let new = new & ADDR_MASK;
-                let base = F::address(e) & !(big.bytes() - 1);
-                let perms = F::perms(e);
+                let base = self.fmt.address(e) & !(big.bytes() - 1);
+                let perms = self.fmt.perms(e);
                 for i in 0..ENTRIES {
-                    let child = F::leaf_entry(base + i * small.bytes(), small, perms);
+                    let child = self.fmt.leaf_entry(base + i * small.bytes(), small, perms);
                     mem.write(new + i * 8, child);
                 }
-                mem.write(s, F::table_entry(new));
+                mem.write(s, self.fmt.table_entry(new));
                 splits[n_splits] = (s, e, new);
                 n_splits += 1;
                 table = new;
             } else {
-                table = F::address(e);
+                table = self.fmt.address(e);
             }
             level -= 1;
             depth += 1;
         };
         mem.write(slots[depth], 0);
         // Free tables that became empty, bottom-up; never the root.
-        while depth > 0 && table_is_empty::<F>(mem, tables[depth]) {
+        while depth > 0 && table_is_empty(&self.fmt, mem, tables[depth]) {
             mem.free_table(tables[depth]);
             mem.write(slots[depth - 1], 0);
             depth -= 1;
         }
-        Ok(F::address(leaf) & !(size.bytes() - 1))
+        Ok(self.fmt.address(leaf) & !(size.bytes() - 1))
     }
 
     fn undo_splits(mem: &mut impl PhysMem, splits: &[(u64, u64, u64)]) {
@@ -846,35 +943,71 @@ impl<F: EntryFormat> PageTable<F> {
         let mut perms = Perms::ALL;
         for level in (1..=self.levels).rev() {
             let e = mem.read(slot(table, va, level));
-            if !F::is_present(e) {
+            if !self.fmt.is_present(e) {
                 return None;
             }
-            perms = perms.and(F::perms(e));
-            if F::is_leaf(e, level) {
+            perms = perms.and(self.fmt.perms(e));
+            if self.fmt.is_leaf(e, level) {
                 let size = PageSize::from_level(level)?;
                 let mask = size.bytes() - 1;
-                return Some(((F::address(e) & !mask) | (va & mask), perms, size));
+                return Some(((self.fmt.address(e) & !mask) | (va & mask), perms, size));
             }
-            table = F::address(e);
+            table = self.fmt.address(e);
         }
         None
+    }
+
+    /// Calls `f(va, pa, size, perms)` for every leaf, in increasing `va` order (`va`
+    /// as the table indexes it: not sign-extended for canonical formats). Rights are
+    /// ANDed over the walk, as [`PageTable::translate`] reports them.
+    pub fn for_each_leaf(&self, mem: &impl PhysMem, mut f: impl FnMut(u64, u64, PageSize, Perms)) {
+        if self.check_levels().is_ok() {
+            self.visit(mem, self.root, self.levels, 0, Perms::ALL, &mut f);
+        }
+    }
+
+    fn visit(
+        &self,
+        mem: &impl PhysMem,
+        table: u64,
+        level: u8,
+        base: u64,
+        perms: Perms,
+        f: &mut impl FnMut(u64, u64, PageSize, Perms),
+    ) {
+        let span = 1u64 << (12 + 9 * (u32::from(level) - 1));
+        for i in 0..ENTRIES {
+            let e = mem.read(table + i * 8);
+            if !self.fmt.is_present(e) {
+                continue;
+            }
+            let va = base + i * span;
+            let p = perms.and(self.fmt.perms(e));
+            if self.fmt.is_leaf(e, level) {
+                if let Some(size) = PageSize::from_level(level) {
+                    f(va, self.fmt.address(e) & !(size.bytes() - 1), size, p);
+                }
+            } else if level > 1 {
+                self.visit(mem, self.fmt.address(e), level - 1, va, p, f);
+            }
+        }
     }
 
     /// Frees every table frame (not the mapped pages), the root included.
     pub fn destroy(self, mem: &mut impl PhysMem) {
         if self.check_levels().is_ok() {
-            Self::free_tree(mem, self.root, self.levels);
+            self.free_tree(mem, self.root, self.levels);
         } else {
             mem.free_table(self.root);
         }
     }
 
-    fn free_tree(mem: &mut impl PhysMem, table: u64, level: u8) {
+    fn free_tree(&self, mem: &mut impl PhysMem, table: u64, level: u8) {
         if level > 1 {
             for i in 0..ENTRIES {
                 let e = mem.read(table + i * 8);
-                if F::is_present(e) && !F::is_leaf(e, level) {
-                    Self::free_tree(mem, F::address(e), level - 1);
+                if self.fmt.is_present(e) && !self.fmt.is_leaf(e, level) {
+                    self.free_tree(mem, self.fmt.address(e), level - 1);
                 }
             }
         }
@@ -946,10 +1079,10 @@ mod tests {
     const G1: u64 = 1 << 30;
     const SIZES: [PageSize; 3] = [PageSize::Size4K, PageSize::Size2M, PageSize::Size1G];
 
-    fn roundtrip_all_sizes<F: EntryFormat>(levels: u8, perms: Perms) {
+    fn roundtrip_all_sizes<F: EntryFormat>(fmt: F, levels: u8, perms: Perms) {
         let mut mem = FakeMem::new();
-        let mut pt = PageTable::<F>::new(&mut mem, levels).unwrap();
-        let expect = F::normalize(perms).unwrap();
+        let mut pt = PageTable::with_format(&mut mem, fmt, levels).unwrap();
+        let expect = fmt.normalize(perms).unwrap();
         for (i, size) in SIZES.into_iter().enumerate() {
             let va = (i as u64 + 1) * 4 * G1;
             let pa = (i as u64 + 3) * 2 * G1;
@@ -978,16 +1111,16 @@ mod tests {
     #[test]
     fn every_format_and_size() {
         for perms in [Perms::RWX, Perms::R, Perms::RW.with_user(), Perms::RX] {
-            roundtrip_all_sizes::<X86>(4, perms);
-            roundtrip_all_sizes::<Npt>(4, perms);
-            roundtrip_all_sizes::<Ept>(4, perms);
-            roundtrip_all_sizes::<VtdSl>(4, perms);
-            roundtrip_all_sizes::<X86>(5, perms);
-            roundtrip_all_sizes::<Ept>(5, perms);
+            roundtrip_all_sizes(X86, 4, perms);
+            roundtrip_all_sizes(Npt, 4, perms);
+            roundtrip_all_sizes(Ept, 4, perms);
+            roundtrip_all_sizes(VtdSl::LARGE, 4, perms);
+            roundtrip_all_sizes(X86, 5, perms);
+            roundtrip_all_sizes(Ept, 5, perms);
         }
         // VT-d 3-level: 39 bits, use low addresses.
         let mut mem = FakeMem::new();
-        let mut pt = PageTable::<VtdSl>::new(&mut mem, 3).unwrap();
+        let mut pt = PageTable::with_format(&mut mem, VtdSl::LARGE, 3).unwrap();
         for (i, size) in SIZES.into_iter().enumerate() {
             let va = (i as u64 + 1) * 4 * G1;
             pt.map(&mut mem, va, va, size, Perms::RW).unwrap();
@@ -1021,7 +1154,7 @@ mod tests {
         let pt1 = mem.read(pd1 & ADDR_MASK) & ADDR_MASK;
         assert_eq!(mem.read(pt1), 0x5000 | P | RW | US);
         assert_eq!(
-            decode::<X86>(0x20_0000 | P | PS | NX, 2),
+            decode(&X86, 0x20_0000 | P | PS | NX, 2),
             Decoded::Leaf {
                 addr: 0x20_0000,
                 size: PageSize::Size2M,
@@ -1029,16 +1162,16 @@ mod tests {
             }
         );
         assert_eq!(
-            decode::<X86>(0x3000 | 7, 4),
+            decode(&X86, 0x3000 | 7, 4),
             Decoded::Table {
                 addr: 0x3000,
                 perms: Perms::ALL
             }
         );
-        assert_eq!(decode::<X86>(0x3000 | 6, 4), Decoded::NotPresent);
+        assert_eq!(decode(&X86, 0x3000 | 6, 4), Decoded::NotPresent);
         // Large-page PAT bit (12) is masked off the address.
         assert_eq!(
-            decode::<X86>(0x4000_1000 | P | PS, 3),
+            decode(&X86, 0x4000_1000 | P | PS, 3),
             Decoded::Leaf {
                 addr: 0x4000_0000,
                 size: PageSize::Size1G,
@@ -1047,11 +1180,11 @@ mod tests {
         );
         // PS at level 4 and at level 1 does not make a large leaf.
         assert!(matches!(
-            decode::<X86>(0x3000 | P | PS, 4),
+            decode(&X86, 0x3000 | P | PS, 4),
             Decoded::Table { .. }
         ));
         assert!(matches!(
-            decode::<X86>(0x3000 | P | PS, 1),
+            decode(&X86, 0x3000 | P | PS, 1),
             Decoded::Leaf {
                 size: PageSize::Size4K,
                 ..
@@ -1125,13 +1258,13 @@ mod tests {
         pt.map(&mut mem, 0x4000_3000, 0x3000, PageSize::Size4K, xo)
             .unwrap();
         assert_eq!(pt.translate(&mem, 0x4000_3000).unwrap().1, xo);
-        assert!(!Ept::is_present(EPT_MT_WB | 0x1000));
+        assert!(!Ept.is_present(EPT_MT_WB | 0x1000));
     }
 
     #[test]
     fn vtd_encoding() {
         let mut mem = FakeMem::new();
-        let mut pt = PageTable::<VtdSl>::new(&mut mem, 3).unwrap();
+        let mut pt = PageTable::with_format(&mut mem, VtdSl::LARGE, 3).unwrap();
         pt.map(
             &mut mem,
             0x20_0000,
@@ -1169,10 +1302,123 @@ mod tests {
         );
     }
 
+    /// Every entry on the walk to `va` in a VT-d table: (level, entry).
+    fn vtd_walk(mem: &FakeMem, pt: &PageTable<VtdSl>, va: u64) -> Vec<(u8, u64)> {
+        let mut out = Vec::new();
+        let mut table = pt.root();
+        for level in (1..=pt.levels()).rev() {
+            let e = mem.read(table + index(va, level) * 8);
+            out.push((level, e));
+            if !pt.format().is_present(e) || pt.format().is_leaf(e, level) {
+                break;
+            }
+            table = e & ADDR_MASK;
+        }
+        out
+    }
+
+    #[test]
+    fn vtd_large_pages_follow_sllps() {
+        // QEMU's CAP 0xd2008c22260206: SLLPS (bits 34..37) = 3; ECAP 0xf42: no SC.
+        let cap: u64 = 0xd2_008c_2226_0206;
+        let sllps = ((cap >> 34) & 0xf) as u8;
+        assert_eq!(VtdSl::from_caps(sllps, false, true), VtdSl::LARGE);
+        assert!(!VtdSl::from_caps(1, false, false).pages_1g);
+        assert_eq!(VtdSl::default(), VtdSl::BASIC);
+
+        let mut mem = FakeMem::new();
+        // 4 KiB only: large leaves are refused, map_range falls back to 4 KiB.
+        let mut basic = PageTable::with_format(&mut mem, VtdSl::BASIC, 3).unwrap();
+        assert_eq!(basic.max_page_size(), PageSize::Size4K);
+        for size in [PageSize::Size2M, PageSize::Size1G] {
+            assert_eq!(
+                basic.map(&mut mem, 0, 0, size, Perms::RW),
+                Err(MapError::LargePageUnsupported)
+            );
+        }
+        basic
+            .map_range(&mut mem, 0, 0, 2 * M2, Perms::RW, PageSize::Size1G)
+            .unwrap();
+        assert_eq!(basic.translate(&mem, M2).unwrap().2, PageSize::Size4K);
+        for (level, e) in vtd_walk(&mem, &basic, M2) {
+            assert_eq!(e & PS, 0, "level {level}");
+        }
+        // 2 MiB only.
+        let two_m = VtdSl::from_caps(1, false, false);
+        let mut pt = PageTable::with_format(&mut mem, two_m, 3).unwrap();
+        assert_eq!(pt.max_page_size(), PageSize::Size2M);
+        assert_eq!(
+            pt.map(&mut mem, 0, 0, PageSize::Size1G, Perms::RW),
+            Err(MapError::LargePageUnsupported)
+        );
+        pt.map_range(&mut mem, 0, 0, G1, Perms::RW, PageSize::Size1G)
+            .unwrap();
+        assert_eq!(pt.translate(&mem, 0).unwrap().2, PageSize::Size2M);
+        let walk = vtd_walk(&mem, &pt, 0);
+        assert_eq!(walk.len(), 2);
+        assert_eq!(walk[0].1 & 0xfff, SL_R | SL_W);
+        assert_eq!(walk[1].1 & 0xfff, SL_R | SL_W | PS);
+        // A 3-level table holds 1 GiB leaves in its root; a 4-level table's root
+        // (level 4, where bit 7 is reserved) only ever holds R|W table entries.
+        let mut pt3 = PageTable::with_format(&mut mem, VtdSl::LARGE, 3).unwrap();
+        pt3.map(&mut mem, G1, 0, PageSize::Size1G, Perms::R)
+            .unwrap();
+        assert_eq!(mem.read(pt3.root() + 8) & 0xfff, SL_R | PS);
+        let mut pt4 = PageTable::with_format(&mut mem, VtdSl::LARGE, 4).unwrap();
+        assert_eq!(pt4.max_page_size(), PageSize::Size1G);
+        pt4.map_range(&mut mem, 0, 0, 4 * G1, Perms::RW, PageSize::Size1G)
+            .unwrap();
+        pt4.map(&mut mem, 1 << 40, 0, PageSize::Size2M, Perms::R)
+            .unwrap();
+        for i in 0..512 {
+            let e = mem.read(pt4.root() + i * 8);
+            assert!(e == 0 || e & 0xfff == SL_R | SL_W, "PML4E {i}: {e:#x}");
+        }
+        for t in [basic, pt, pt3, pt4] {
+            t.destroy(&mut mem);
+        }
+        assert_eq!(mem.live(), 0);
+    }
+
+    #[test]
+    fn vtd_snoop_bit_only_in_leaves_and_only_when_asked() {
+        let mut mem = FakeMem::new();
+        let snoop = VtdSl::from_caps(3, true, true);
+        assert!(snoop.snoop);
+        assert!(!VtdSl::from_caps(3, false, true).snoop, "no SC: never SNP");
+        for (format, want) in [(snoop, VTD_SL_SNP), (VtdSl::LARGE, 0)] {
+            let mut pt = PageTable::with_format(&mut mem, format, 4).unwrap();
+            pt.map(&mut mem, 0x1000, 0x5000, PageSize::Size4K, Perms::RW)
+                .unwrap();
+            pt.map(&mut mem, M2, 4 * M2, PageSize::Size2M, Perms::R)
+                .unwrap();
+            for va in [0x1000, M2] {
+                let walk = vtd_walk(&mem, &pt, va);
+                let (last, tables) = walk.split_last().unwrap();
+                assert_eq!(last.1 & VTD_SL_SNP, want, "leaf at level {}", last.0);
+                for &(level, e) in tables {
+                    assert_eq!(e & 0xfff, SL_R | SL_W, "level {level}");
+                }
+            }
+            // The snoop bit is not part of the address or the rights.
+            assert_eq!(
+                pt.translate(&mem, 0x1008),
+                Some((0x5008, Perms::RW, PageSize::Size4K))
+            );
+            // Splitting a large leaf keeps the snoop bit in the new leaves.
+            assert_eq!(pt.unmap(&mut mem, M2, PageSize::Size4K), Ok(4 * M2));
+            let walk = vtd_walk(&mem, &pt, M2 + 0x1000);
+            assert_eq!(walk.last().unwrap().1 & VTD_SL_SNP, want);
+            assert_eq!(walk.last().unwrap().0, 1);
+            pt.destroy(&mut mem);
+        }
+        assert_eq!(mem.live(), 0);
+    }
+
     #[test]
     fn bounds() {
         let mut mem = FakeMem::new();
-        let mut vtd3 = PageTable::<VtdSl>::new(&mut mem, 3).unwrap();
+        let mut vtd3 = PageTable::with_format(&mut mem, VtdSl::LARGE, 3).unwrap();
         assert_eq!(
             vtd3.map(&mut mem, 1 << 39, 0, PageSize::Size4K, Perms::R),
             Err(MapError::OutOfRange)
@@ -1186,7 +1432,7 @@ mod tests {
             vtd3.unmap(&mut mem, 1 << 39, PageSize::Size4K),
             Err(MapError::OutOfRange)
         );
-        let mut vtd4 = PageTable::<VtdSl>::new(&mut mem, 4).unwrap();
+        let mut vtd4 = PageTable::with_format(&mut mem, VtdSl::LARGE, 4).unwrap();
         assert_eq!(
             vtd4.map(&mut mem, 1 << 39, 0, PageSize::Size4K, Perms::R),
             Ok(())
@@ -1242,7 +1488,7 @@ mod tests {
             MapError::UnsupportedLevels
         );
         assert_eq!(
-            PageTable::<VtdSl>::new(&mut mem, 2).unwrap_err(),
+            PageTable::with_format(&mut mem, VtdSl::LARGE, 2).unwrap_err(),
             MapError::UnsupportedLevels
         );
         let mut bad = PageTable::<Ept>::from_root(0x10_0000, 9);
@@ -1315,18 +1561,18 @@ mod tests {
         for fmt in 0..4 {
             let mut mem = FakeMem::new();
             match fmt {
-                0 => split_case::<X86>(&mut mem),
-                1 => split_case::<Npt>(&mut mem),
-                2 => split_case::<Ept>(&mut mem),
-                _ => split_case::<VtdSl>(&mut mem),
+                0 => split_case(&mut mem, X86),
+                1 => split_case(&mut mem, Npt),
+                2 => split_case(&mut mem, Ept),
+                _ => split_case(&mut mem, VtdSl::LARGE),
             }
             assert_eq!(mem.live(), 0);
         }
     }
 
-    fn split_case<F: EntryFormat>(mem: &mut FakeMem) {
-        let perms = F::normalize(Perms::RW).unwrap();
-        let mut pt = PageTable::<F>::new(mem, 4).unwrap();
+    fn split_case<F: EntryFormat>(mem: &mut FakeMem, fmt: F) {
+        let perms = fmt.normalize(Perms::RW).unwrap();
+        let mut pt = PageTable::with_format(mem, fmt, 4).unwrap();
         // 1G leaf, unmap one 4K inside: 1G -> 2M table -> 4K table.
         pt.map(mem, G1, 4 * G1, PageSize::Size1G, Perms::RW)
             .unwrap();
@@ -1486,7 +1732,7 @@ mod tests {
     #[test]
     fn map_range_is_all_or_nothing() {
         let mut mem = FakeMem::new();
-        let mut pt = PageTable::<VtdSl>::new(&mut mem, 4).unwrap();
+        let mut pt = PageTable::with_format(&mut mem, VtdSl::LARGE, 4).unwrap();
         pt.map(&mut mem, 5 * M2, 0, PageSize::Size4K, Perms::R)
             .unwrap();
         let live = mem.live();
@@ -1546,8 +1792,8 @@ mod tests {
         let root = mem.alloc_table().unwrap();
         let pdpt = mem.alloc_table().unwrap();
         let pd = mem.alloc_table().unwrap(); // empty
-        mem.write(root, X86::table_entry(pdpt));
-        mem.write(pdpt, X86::table_entry(pd));
+        mem.write(root, X86.table_entry(pdpt));
+        mem.write(pdpt, X86.table_entry(pd));
         let mut pt = PageTable::<X86>::from_root(root | 0x18, 4);
         assert_eq!(pt.root(), root);
         assert_eq!(pt.levels(), 4);
@@ -1678,9 +1924,9 @@ mod tests {
         ]
     }
 
-    fn run_model<F: EntryFormat>(ops: &[Op], levels: u8) -> Result<(), TestCaseError> {
+    fn run_model<F: EntryFormat>(fmt: F, ops: &[Op], levels: u8) -> Result<(), TestCaseError> {
         let mut mem = FakeMem::new();
-        let mut pt = PageTable::<F>::new(&mut mem, levels).unwrap();
+        let mut pt = PageTable::with_format(&mut mem, fmt, levels).unwrap();
         let mut model = Model::default();
         let probes: Vec<u64> = (0..3)
             .flat_map(|g| (0..4).flat_map(move |m| (0..4).map(move |k| slot_va((g, m, k)))))
@@ -1697,9 +1943,11 @@ mod tests {
                     let va = slot_va(slot);
                     let pa = pa * size.bytes();
                     let got = pt.map(&mut mem, va, pa, size, perms);
-                    let want = if !va.is_multiple_of(size.bytes()) {
+                    let want = if !fmt.large_page_allowed(size) {
+                        Err(MapError::LargePageUnsupported)
+                    } else if !va.is_multiple_of(size.bytes()) {
                         Err(MapError::Misaligned)
-                    } else if let Some(p) = F::normalize(perms) {
+                    } else if let Some(p) = fmt.normalize(perms) {
                         model.map(va, pa, size, p)
                     } else {
                         Err(MapError::NoAccess)
@@ -1709,7 +1957,9 @@ mod tests {
                 Op::Unmap { slot, size } => {
                     let va = slot_va(slot);
                     let got = pt.unmap(&mut mem, va, size);
-                    let want = if !va.is_multiple_of(size.bytes()) {
+                    let want = if !fmt.large_page_allowed(size) {
+                        Err(MapError::LargePageUnsupported)
+                    } else if !va.is_multiple_of(size.bytes()) {
                         Err(MapError::Misaligned)
                     } else {
                         model.unmap(va, size)
@@ -1728,7 +1978,7 @@ mod tests {
                     };
                     prop_assert_eq!(got, want, "{:?}", op);
                     if got.is_ok() {
-                        let p = F::normalize(Perms::RW).unwrap();
+                        let p = fmt.normalize(Perms::RW).unwrap();
                         let mut done = 0;
                         while done < len {
                             let size = pt.pick_size(va + done, pa + done, len - done, max);
@@ -1751,6 +2001,12 @@ mod tests {
                 prop_assert_eq!(pt.translate(&mem, va), Some((pa, perms, size)));
             }
         }
+        let mut walked = Vec::new();
+        pt.for_each_leaf(&mem, |va, pa, size, perms| {
+            walked.push((va, (pa, size, perms)))
+        });
+        let modelled: Vec<_> = model.leaves.iter().map(|(&va, &l)| (va, l)).collect();
+        prop_assert_eq!(walked, modelled);
         // Unmap everything: only the root remains; destroy frees it.
         let leaves: Vec<_> = model
             .leaves
@@ -1771,30 +2027,40 @@ mod tests {
 
         #[test]
         fn model_x86(ops in proptest::collection::vec(op_strategy(), 1..40)) {
-            run_model::<X86>(&ops, 4)?;
+            run_model(X86, &ops, 4)?;
         }
 
         #[test]
         fn model_vtd3(ops in proptest::collection::vec(op_strategy(), 1..40)) {
-            run_model::<VtdSl>(&ops, 3)?;
+            run_model(VtdSl::LARGE, &ops, 3)?;
+        }
+
+        #[test]
+        fn model_vtd4_small_pages_only(ops in proptest::collection::vec(op_strategy(), 1..40)) {
+            run_model(VtdSl::BASIC, &ops, 4)?;
+        }
+
+        #[test]
+        fn model_vtd4_2m_snoop(ops in proptest::collection::vec(op_strategy(), 1..40)) {
+            run_model(VtdSl::from_caps(1, true, true), &ops, 4)?;
         }
 
         #[test]
         fn model_ept(ops in proptest::collection::vec(op_strategy(), 1..40)) {
-            run_model::<Ept>(&ops, 4)?;
+            run_model(Ept, &ops, 4)?;
         }
 
         #[test]
         fn model_npt(ops in proptest::collection::vec(op_strategy(), 1..40)) {
-            run_model::<Npt>(&ops, 4)?;
+            run_model(Npt, &ops, 4)?;
         }
 
         #[test]
         fn decode_never_panics(entry in any::<u64>(), level in any::<u8>()) {
-            let _ = decode::<X86>(entry, level);
-            let _ = decode::<Npt>(entry, level);
-            let _ = decode::<Ept>(entry, level);
-            let _ = decode::<VtdSl>(entry, level);
+            let _ = decode(&X86, entry, level);
+            let _ = decode(&Npt, entry, level);
+            let _ = decode(&Ept, entry, level);
+            let _ = decode(&VtdSl::LARGE, entry, level);
         }
     }
 }
