@@ -469,6 +469,10 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
     /// left them on, builds an empty root table, sets up queued invalidation (if
     /// ECAP.QI), sets the root table pointer and invalidates everything globally.
     /// Translation stays off until [`Unit::enable_translation`].
+    ///
+    /// On error the registers, memory and platform come back with the error; frames
+    /// already handed to the unit (root table, queue) are not freed, since the
+    /// hardware may still point at them.
     pub fn new(regs: R, mem: M, host: H, cfg: UnitConfig) -> Result<Self, (IommuError, R, M, H)> {
         let cap = Cap(regs.read64(CAP));
         let ecap = Ecap(regs.read64(ECAP));
