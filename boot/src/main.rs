@@ -63,7 +63,8 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         free >> 20,
         memory::HEAP_SIZE >> 20
     );
-    match acpi_info::discover(bi.rsdp) {
+    let acpi = acpi_info::discover(bi.rsdp);
+    match acpi {
         Some(a) => log::info!(
             "ACPI: RSDP at {:#x}, {} CPU(s) in the MADT; DMAR {}; SRAT {}; MCFG {}",
             a.rsdp,
@@ -77,6 +78,10 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         ),
         None => log::warn!("continuing without ACPI"),
     }
+
+    // PCI devices and VT-d units: every device's DMA is blocked from here on until a
+    // domain that owns it is built.
+    hypervisor::devices::init(acpi.and_then(|a| a.dmar), entry::mark_uncached);
 
     mask_legacy_pic();
     hypervisor::time::init(time::tsc_per_ms());

@@ -43,6 +43,9 @@ pub struct DomainConfig {
     pub vcpus: u32,
     /// `vif`: one raw specification string per network interface.
     pub vifs: Vec<String>,
+    /// `pci`: PCI devices given to the domain, as (bus, device, function) on
+    /// segment 0 (xl's `[SSSS:]BB:DD.F` syntax; per-device options are refused).
+    pub pci: Vec<(u8, u8, u8)>,
     /// `on_poweroff` (default destroy).
     pub on_poweroff: Action,
     /// `on_reboot` (default restart).
@@ -456,12 +459,51 @@ const KNOWN: &[&str] = &[
     "vcpus",
     "maxvcpus",
     "vif",
+    "pci",
     "on_poweroff",
     "on_reboot",
     "on_crash",
     "test_interface",
     "evtchn_fifo",
 ];
+
+/// Parses one `pci = [...]` entry: `[SSSS:]BB:DD.F` in hex (segment 0 only).
+pub fn parse_bdf(spec: &str) -> Result<(u8, u8, u8), String> {
+    let bad =
+        || format!("`pci` entry '{spec}' is not a PCI address like '00:03.0' or '0000:00:03.0'");
+    if spec.contains(',') || spec.contains('@') {
+        return Err(format!(
+            "`pci` entry '{spec}': per-device options and virtual slots are not supported; give the address alone"
+        ));
+    }
+    let (rest, func) = spec.rsplit_once('.').ok_or_else(bad)?;
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (seg, bus, dev) = match parts.as_slice() {
+        [b, d] => ("0", *b, *d),
+        [s, b, d] => (*s, *b, *d),
+        _ => return Err(bad()),
+    };
+    let hex = |t: &str, max: u32| {
+        (!t.is_empty() && t.len() <= 4)
+            .then(|| u32::from_str_radix(t, 16).ok())
+            .flatten()
+            .filter(|&v| v <= max)
+    };
+    let (Some(seg), Some(bus), Some(dev), Some(func)) = (
+        hex(seg, 0xffff),
+        hex(bus, 0xff),
+        hex(dev, 0x1f),
+        hex(func, 7),
+    ) else {
+        return Err(bad());
+    };
+    if seg != 0 {
+        return Err(format!(
+            "`pci` entry '{spec}': only PCI segment 0 is supported"
+        ));
+    }
+    Ok((bus as u8, dev as u8, func as u8))
+}
 
 /// Parses an `xl.cfg`-syntax domain configuration.
 pub fn parse(text: &str) -> Result<DomainConfig, ConfigError> {
@@ -548,6 +590,17 @@ pub fn parse(text: &str) -> Result<DomainConfig, ConfigError> {
     }
 
     let vifs = settings.strings("vif")?;
+    let pci_line = settings.get("pci").map_or(0, |s| s.line);
+    let pci = settings
+        .strings("pci")?
+        .iter()
+        .map(|spec| {
+            parse_bdf(spec).map_err(|m| ConfigError {
+                line: pci_line,
+                message: m,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let on_poweroff = settings.action("on_poweroff", Action::Destroy)?;
     let on_reboot = settings.action("on_reboot", Action::Restart)?;
     let on_crash = settings.action("on_crash", Action::Destroy)?;
@@ -579,6 +632,7 @@ pub fn parse(text: &str) -> Result<DomainConfig, ConfigError> {
         memory_mib,
         vcpus,
         vifs,
+        pci,
         on_poweroff,
         on_reboot,
         on_crash,
@@ -616,6 +670,7 @@ mod tests {
                 memory_mib: 128,
                 vcpus: 1,
                 vifs: vec![],
+                pci: vec![],
                 on_poweroff: Action::Destroy,
                 on_reboot: Action::Restart,
                 on_crash: Action::Destroy,
@@ -810,6 +865,30 @@ test_interface = 1
         assert!(with("vif = [ , ]").is_err());
         // Unknown keys may have integer lists.
         assert!(with("cpus = [1, 2, 0x3]").is_ok());
+    }
+
+    #[test]
+    fn pci_addresses() {
+        assert_eq!(with("pci = [ '00:03.0' ]").unwrap().pci, vec![(0, 3, 0)]);
+        assert_eq!(
+            with("pci = [ '0000:3a:1f.7', \"01:00.1\" ]").unwrap().pci,
+            vec![(0x3a, 0x1f, 7), (1, 0, 1)]
+        );
+        assert!(with("").unwrap().pci.is_empty());
+        for bad in [
+            "3.0",
+            "00:20.0",
+            "00:03.8",
+            "zz:03.0",
+            "00:03",
+            "1:00:03.0",
+            "0:0:0:0.0",
+        ] {
+            let e = with(&format!("pci = [ '{bad}' ]")).unwrap_err();
+            assert!(e.message.contains(bad), "{bad}: {e}");
+        }
+        let e = with("pci = [ '00:03.0,permissive=1' ]").unwrap_err();
+        assert!(e.message.contains("options"), "{e}");
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct DomainCore {
     pub tlb_flush_needed: bool,
     /// Things already logged once (unknown hypercalls, MSRs, ports).
     logged: BTreeSet<(u8, u64)>,
+    /// The PCI configuration address latch (port 0xcf8) of a domain owning devices.
+    pub pci_cf8: u32,
 }
 
 /// The other domains, while one domain's exit is handled (for interdomain event
@@ -147,6 +149,8 @@ pub enum BuildError {
     },
     /// Nested page tables could not be built.
     Paging(String),
+    /// A `pci = [...]` device cannot be given to the domain.
+    Device(String),
 }
 
 impl core::fmt::Display for BuildError {
@@ -169,6 +173,7 @@ impl core::fmt::Display for BuildError {
                 have >> 20
             ),
             BuildError::Paging(e) => write!(f, "nested page tables: {e}"),
+            BuildError::Device(e) => write!(f, "PCI device assignment: {e}"),
         }
     }
 }
@@ -472,6 +477,47 @@ impl Domain {
             entry: plan.entry,
             start_info: info_gpa,
         };
+        // Devices last (nothing after this can fail): their DMA goes through an IOMMU
+        // domain mirroring this memory, their registers are mapped at their host
+        // addresses, above the domain's memory.
+        if !config.pci.is_empty() {
+            let bdfs: Vec<iommu::pci::Bdf> = config
+                .pci
+                .iter()
+                .map(|&(b, d, f)| iommu::pci::Bdf::new(b, d, f))
+                .collect();
+            let ram: Vec<(u64, u64, u64)> = mem
+                .extents()
+                .iter()
+                .map(|e| (e.gpa, e.hpa, e.len))
+                .collect();
+            let mmio = crate::devices::assign(id, &bdfs, &ram).map_err(BuildError::Device)?;
+            // Same rights as RAM: the host runs without EFER.NXE, so an NX bit in a
+            // nested entry would be a reserved bit (every access a nested page fault).
+            let io = Perms::ALL;
+            for r in &mmio {
+                let mapped = if r.base < size {
+                    Err(format!(
+                        "device memory {:#x}+{:#x} overlaps the domain's {} MiB of memory: give the domain less memory",
+                        r.base, r.len, config.memory_mib
+                    ))
+                } else {
+                    npt.map_range(&mut pm, r.base, r.base, r.len, io, PageSize::Size4K)
+                        .map_err(|e| {
+                            format!("mapping device memory {:#x}+{:#x}: {e}", r.base, r.len)
+                        })
+                };
+                if let Err(e) = mapped {
+                    crate::devices::release(id);
+                    return Err(BuildError::Device(e));
+                }
+                log::info!(
+                    "d{id}: device memory {:#x}+{:#x} mapped at the same guest address",
+                    r.base,
+                    r.len
+                );
+            }
+        }
         let vcpus = (0..config.vcpus.max(1))
             .map(|i| {
                 Box::new(SvmVcpu::new_pvh(
@@ -511,6 +557,7 @@ impl Domain {
                 store_kicked: true,
                 e820: memmap.iter().map(|e| (e.addr, e.size, e.type_)).collect(),
                 logged: BTreeSet::new(),
+                pci_cf8: 0,
             },
             vcpus,
         })
@@ -520,6 +567,8 @@ impl Domain {
     pub fn destroy(self) {
         let Domain { core, vcpus } = self;
         drop(vcpus);
+        // Devices first: no DMA may reach the memory freed below.
+        crate::devices::release(core.id);
         core.npt.destroy(&mut HostPhysMem);
         drop(core.mem);
     }

@@ -49,7 +49,14 @@ pub fn handle(
     };
     d.counters.exits[bucket] += 1;
     match exit {
-        Exit::Hypercall => crate::hypercall::handle(d, others, vcpu, cpu),
+        Exit::Hypercall => {
+            if !d.config.pci.is_empty() {
+                // A device owner's hypercalls are where its DMA faults become visible
+                // to it (events, polls): read the unit's records first.
+                crate::devices::poll_faults();
+            }
+            crate::hypercall::handle(d, others, vcpu, cpu)
+        }
         Exit::Cpuid => {
             let leaf = cpu.reg(reg::RAX) as u32;
             let sub = cpu.reg(reg::RCX) as u32;
@@ -217,7 +224,9 @@ fn port_io(d: &mut DomainCore, cpu: &mut dyn GuestCpu, io: IoExit) -> Flow {
         )));
     }
     let m = emulate::mask(io.size);
-    if io.input {
+    if !d.config.pci.is_empty() && (io.port == 0xcf8 || (0xcfc..=0xcff).contains(&io.port)) {
+        pci_config(d, cpu, io, m);
+    } else if io.input {
         // Nothing decodes guest ports yet: reads float high, as on an empty bus.
         d.counters.unclaimed_port_reads += 1;
         let rax = cpu.reg(reg::RAX);
@@ -245,6 +254,45 @@ fn port_io(d: &mut DomainCore, cpu: &mut dyn GuestCpu, io: IoExit) -> Flow {
         return skip(d, cpu, None);
     }
     Flow::Continue
+}
+
+/// PCI configuration mechanism 1 for a domain that owns devices: the address latch at
+/// 0xcf8 (dword accesses), data at 0xcfc-0xcff, filtered by [`crate::devices`].
+fn pci_config(d: &mut DomainCore, cpu: &mut dyn GuestCpu, io: IoExit, m: u64) {
+    let rax = cpu.reg(reg::RAX);
+    if io.port == 0xcf8 {
+        if io.size == 4 {
+            if io.input {
+                cpu.set_reg(reg::RAX, u64::from(d.pci_cf8));
+            } else {
+                d.pci_cf8 = rax as u32 & 0x80ff_fffc;
+            }
+        } else if io.input {
+            cpu.set_reg(reg::RAX, (rax & !m) | m);
+        }
+        return;
+    }
+    let latch = d.pci_cf8;
+    let off = (latch & 0xfc) as u16 + (io.port - 0xcfc);
+    let bdf = iommu::pci::Bdf::from_source_id((latch >> 8) as u16);
+    if latch & 0x8000_0000 == 0 || (latch >> 16) & 0xff != u32::from(bdf.bus) {
+        if io.input {
+            cpu.set_reg(reg::RAX, (rax & !m) | m);
+        }
+        return;
+    }
+    if io.input {
+        let dword = crate::devices::config_read(d.id, bdf, off & !3);
+        let v = u64::from(dword >> ((off & 3) * 8)) & m;
+        cpu.set_reg(reg::RAX, if io.size == 4 { v } else { (rax & !m) | v });
+    } else if !crate::devices::config_write(d.id, bdf, off, (rax & m) as u32, io.size)
+        && d.first_time(LOG_PORT, 0x1_0000 | u64::from(off))
+    {
+        log::info!(
+            "d{}: PCI {bdf} config write at {off:#x} dropped (only the command register's enables are writable; logged once)",
+            d.id
+        );
+    }
 }
 
 fn msr(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu, write: bool) -> Flow {

@@ -2,8 +2,10 @@
 //! running domains, their nested page tables and TLB flushes.
 //!
 //! Every domain is translated (PVH): a grant is mapped with `GNTMAP_host_map` at a
-//! guest-physical address, and Xen refuses device maps for such domains, so the IOMMU
-//! path of the engine (for non-translated domains) is never taken here.
+//! guest-physical address, and the engine's IOMMU path (for non-translated domains) is
+//! never taken here. A domain that owns PCI devices has IOMMU tables mirroring its
+//! physmap instead ([`crate::devices`]): host mappings go into them too, and leave
+//! them (invalidation completed) in `flush`, before the grant is released.
 
 use grant::host::{FrameAlloc, GrantMemory, MapHost};
 use grant::{DomId, GntSt};
@@ -141,7 +143,16 @@ impl MapHost for Host<'_, '_> {
         }
         let readonly = flags & abi::grant_table::GNTMAP_READONLY != 0;
         d.map_foreign(host_addr >> 12, mfn << 12, readonly)
-            .map_err(|_| GntSt::GeneralError)
+            .map_err(|_| GntSt::GeneralError)?;
+        // A domain owning devices: its IOMMU tables mirror its physmap, so the frame
+        // becomes reachable by its devices at the same address (read-only grants
+        // read-only). This is the path instead of a copy: the NIC DMAs into the page.
+        if let Err(e) = crate::devices::map_grant(dom, host_addr, mfn << 12, readonly) {
+            log::warn!("d{dom}: grant mapping at {host_addr:#x} refused: IOMMU entry: {e}");
+            let _ = d.unmap_foreign(host_addr >> 12, mfn << 12);
+            return Err(GntSt::GeneralError);
+        }
+        Ok(())
     }
 
     fn remove_host_mapping(
@@ -157,7 +168,11 @@ impl MapHost for Host<'_, '_> {
         }
         let d = self.dom(dom).ok_or(GntSt::BadDomain)?;
         d.unmap_foreign(host_addr >> 12, mfn << 12)
-            .map_err(|_| GntSt::GeneralError)
+            .map_err(|_| GntSt::GeneralError)?;
+        // The IOMMU entry goes in `flush`, which the engine calls before it releases
+        // the grant: one batch of invalidations and one wait for all of them.
+        crate::devices::unmap_grant(dom, host_addr);
+        Ok(())
     }
 
     fn iommu_map(&mut self, dom: DomId, _mfn: u64, _writable: bool) -> Result<(), GntSt> {
@@ -171,6 +186,9 @@ impl MapHost for Host<'_, '_> {
     }
 
     fn flush(&mut self, dom: DomId) {
+        // Devices first: IOTLB invalidations for the unmapped grants, completed (wait
+        // descriptor) before this returns and so before the engine releases them.
+        crate::devices::flush(dom);
         // One physical CPU: no vCPU of `dom` runs before its next VM entry, which
         // flushes the whole TLB (TLB_CONTROL = 1) when this flag is set.
         if let Some(d) = self.dom(dom) {

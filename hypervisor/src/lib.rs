@@ -20,6 +20,7 @@ pub mod arch;
 pub mod bzimage;
 pub mod console;
 pub mod cpuid;
+pub mod devices;
 pub mod domain;
 pub mod emulate;
 pub mod evtchn;

@@ -129,6 +129,7 @@ pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
     let mut rebuilding: Vec<Rebuild> = Vec::new();
     while !domains.is_empty() || !rebuilding.is_empty() {
         fire_timers(&mut domains);
+        crate::devices::poll_faults();
         service_consoles(&mut domains, &grants, &mut input);
         service_stores(&mut domains, &mut xs);
         if let Some(r) = rebuilding.first_mut() {

@@ -110,7 +110,21 @@ fn verdict(d: &DomainCore, cpu: &dyn GuestCpu, check: Check, v: u64, v2: u64) ->
             ),
         ),
         Check::MemoryWrite => memory_write(d, v, v2),
-        Check::PeerA | Check::PeerB | Check::DmaGranter | Check::DmaNic => (
+        Check::DmaNic => {
+            // The hypervisor's own evidence: the unit reported the NIC's writes to the
+            // unmapped grant address and to the never-mapped one.
+            let faults = crate::devices::faults_of(d.id);
+            let at = |a: u64| faults.iter().any(|f| f.write && f.addr == a);
+            let (g, n) = (at(ferro::DMA_GRANT_GPA), at(ferro::DMA_NEVER_MAPPED_GPA));
+            (
+                v == 0 && v2 >= 5 && g && n,
+                format!(
+                    "{v} of {v2} steps failed; DMA write faults seen at the unmapped grant address: {g}, at the never-mapped address: {n} ({} faults in all)",
+                    faults.len()
+                ),
+            )
+        }
+        Check::PeerA | Check::PeerB | Check::DmaGranter => (
             v == 0 && v2 >= 5,
             format!("{v} of {v2} steps failed"),
         ),

@@ -953,6 +953,33 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
         self.domains.get(&dom.0).map(|d| d.table.levels())
     }
 
+    /// Creates the (empty: every device blocked) context table of `bus` now rather than
+    /// at its first [`Unit::attach`], so that the unit's own frames are all allocated
+    /// up front (the hypervisor counts frames around domains' lives). A not-present root
+    /// entry becomes present: a write-buffer flush, or with CM=1 a global context-cache
+    /// invalidation.
+    pub fn prepare_bus(&mut self, bus: u8) -> Result<(), IommuError> {
+        if self.context[usize::from(bus)] != 0 {
+            return Ok(());
+        }
+        self.ensure_context_table(bus)?;
+        if self.cap.caching_mode() {
+            self.invalidate(&[Inv::Context(CcScope::Global)])
+        } else {
+            self.flush_write_buffer()
+        }
+    }
+
+    fn ensure_context_table(&mut self, bus: u8) -> Result<(), IommuError> {
+        let bus = usize::from(bus);
+        if self.context[bus] == 0 {
+            let ctx = self.alloc_frame()?;
+            self.context[bus] = ctx;
+            self.write_entry(self.root + bus as u64 * 16, regs::root_entry(ctx));
+        }
+        Ok(())
+    }
+
     /// Points `device`'s context entry at the domain's tables (translation type
     /// "translate", AW from the depth) and invalidates the device's context-cache
     /// entry (and, with CM=1, the domain's IOTLB entries).
@@ -972,11 +999,7 @@ impl<R: Mmio, M: PhysMem, H: Platform> Unit<R, M, H> {
             });
         }
         let bus = usize::from(device.bus);
-        if self.context[bus] == 0 {
-            let ctx = self.alloc_frame()?;
-            self.context[bus] = ctx;
-            self.write_entry(self.root + bus as u64 * 16, regs::root_entry(ctx));
-        }
+        self.ensure_context_table(device.bus)?;
         let slot = self.context[bus] + u64::from(device.devfn()) * 16;
         self.write_entry(
             slot,

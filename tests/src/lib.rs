@@ -317,9 +317,7 @@ impl NicSetup {
     /// The QEMU arguments, the NIC's frames going to UDP `port` on 127.0.0.1 and coming
     /// back from it (nothing leaves the machine).
     pub fn qemu_args(&self, port: u16) -> Vec<String> {
-        let ep = |side: &str| {
-            format!("{side}.type=inet,{side}.host=127.0.0.1,{side}.port={port}")
-        };
+        let ep = |side: &str| format!("{side}.type=inet,{side}.host=127.0.0.1,{side}.port={port}");
         vec![
             "-device".into(),
             format!("intel-iommu{}", self.iommu_options),
@@ -375,6 +373,56 @@ pub const LINUX_PAIR_B_CMD: &str = "echo \"b: domid $(xenstore-read domid), name
 
 /// vCPUs of the `linux-boot` guest: it proves SMP bring-up in the same boot.
 pub const LINUX_BOOT_VCPUS: u32 = 2;
+
+/// A domain owning QEMU's e1000e behind intel-iommu (`iommu_options` added to the
+/// device) receives a frame into a page another domain granted it, then unmaps the
+/// grant: the same DMA and one to an address it never mapped must fault.
+fn iommu_dma(name: &'static str, iommu_options: &'static str) -> Scenario {
+    Scenario {
+        name,
+        about: if iommu_options.is_empty() {
+            "a NIC owned by d2 DMAs a received frame straight into a page d1 granted (IOMMU \
+             entry created by the grant map); after the unmap the same DMA faults with the \
+             NIC's source id and address and the page is unchanged; a DMA to an address d2 \
+             never mapped faults too"
+        } else {
+            "iommu-dma with the IOMMU in caching mode (caching-mode=on: maps are flushed too)"
+        },
+        cpu: "max",
+        hv_cmdline: "",
+        domains: vec![
+            Domain::test_guest("granter", "test=dma-granter peer=2"),
+            Domain {
+                pci: vec![NIC_BDF.to_string()],
+                ..Domain::test_guest("nic", "test=dma-nic peer=1")
+            },
+        ],
+        expect: Expect {
+            status: STATUS_OK,
+            lines: vec![
+                "translation on, DMA blocked for every device until a domain owns it".into(),
+                format!("d2: PCI {NIC_BDF} assigned").into(),
+                "(d2) testguest: dma-nic: frame 1 received into the grant mapping (length): ok"
+                    .into(),
+                "(d1) testguest: dma-granter: frame 1 is in the granted page (DMA through the IOMMU): ok"
+                    .into(),
+                format!("iommu: DMA fault: PCI {NIC_BDF} (d2) write at 0x100000000").into(),
+                format!("iommu: DMA fault: PCI {NIC_BDF} (d2) write at 0x140000000").into(),
+                "(d1) testguest: dma-granter: page unchanged after the unmap (bytes written): ok (0)"
+                    .into(),
+                "d1 check dma-granter: PASS".into(),
+                "d2 check dma-nic: PASS".into(),
+                "iommu: no mappings left".into(),
+                "all domain memory returned".into(),
+                "all domains finished: 2 ok, 0 failed".into(),
+            ],
+            forbidden: strings(&["FAIL", "WRONG", "PANIC", "EXCEPTION", "FATAL"]),
+        },
+        timeout_secs: DEFAULT_TIMEOUT_SECS,
+        full_only: false,
+        nic: Some(NicSetup { iommu_options }),
+    }
+}
 
 /// The `d<domid> check <name>: PASS` lines of every check, in the order the test guest
 /// runs them.
@@ -651,6 +699,8 @@ pub fn catalogue() -> Vec<Scenario> {
             full_only: false,
             nic: None,
         },
+        iommu_dma("iommu-dma", ""),
+        iommu_dma("iommu-dma-cm", ",caching-mode=on"),
         Scenario {
             name: "restart",
             about: "a domain that reboots is rebuilt from its config (on_reboot defaults to \

@@ -6,4 +6,5 @@
 pub mod lapic;
 pub mod phys;
 pub mod svm;
+pub mod vtd;
 pub mod x86;

@@ -204,3 +204,21 @@ impl grant::host::GrantMemory for GrantFrames {
         }
     }
 }
+
+/// The ACPI table at physical `pa` (its length from the header), when the header is
+/// sane (at least 36 bytes, at most 1 MiB).
+pub fn acpi_table(pa: u64) -> Option<&'static [u8]> {
+    if pa == 0 || pa >= 1 << 32 {
+        return None;
+    }
+    let mut len = [0u8; 4];
+    // SAFETY: firmware ACPI tables lie below 4 GiB in the identity map (the address came
+    // from the RSDT/XSDT); the header's length field is its bytes 4..8.
+    unsafe { read(pa + 4, &mut len) };
+    let len = u32::from_le_bytes(len) as u64;
+    if !(36..=1 << 20).contains(&len) {
+        return None;
+    }
+    // SAFETY: as above; firmware tables are never written after boot.
+    Some(unsafe { slice(pa, len) })
+}

@@ -60,6 +60,17 @@ pub unsafe fn inb(port: u16) -> u8 {
     v
 }
 
+/// Reads a 32-bit value from an I/O port.
+///
+/// # Safety
+/// As [`inb`].
+pub unsafe fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: the caller owns the device behind `port`.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack)) };
+    v
+}
+
 /// Reads CR0.
 pub fn cr0() -> u64 {
     let v: u64;

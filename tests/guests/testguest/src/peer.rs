@@ -373,3 +373,8 @@ pub fn bind_to_peer(s: &mut Steps, peer: u16) -> u32 {
     clear_pending(port); // Xen flags a freshly bound interdomain port
     port
 }
+
+/// SCHEDOP_yield: lets the hypervisor run its loop (and other domains) once.
+pub fn yield_now() {
+    hypercall(hc::SCHED_OP, hc::SCHEDOP_YIELD, 0, 0);
+}
