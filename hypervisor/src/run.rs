@@ -355,8 +355,9 @@ fn debug_key(key: u8, domains: &[Domain], grants: &grant::GrantEngine) {
             }
         }
         b'm' => log::info!("free memory: {} frames ({} MiB)", crate::frames::free_count(), crate::frames::free_count() >> 8),
+        b'i' => log::info!("{}", crate::devices::summary()),
         _ => log::info!(
-            "debug keys: d domains and vCPUs, e event channels, g grants, c exit and hypercall counters, m free memory, h this help; Ctrl-A three times leaves"
+            "debug keys: d domains and vCPUs, e event channels, g grants, c exit and hypercall counters, m free memory, i IOMMU and assigned devices, h this help; Ctrl-A three times leaves"
         ),
     }
 }
