@@ -159,6 +159,49 @@ impl Check {
     }
 }
 
+/// The UUID (Xen's domain handle) of a domain whose config names none: derived from
+/// its name, so it stays the same across restarts as xl keeps it (xl draws a random
+/// one at creation; ferrovisor has no entropy source it trusts at boot). RFC 4122
+/// layout, version 4 and variant bits set.
+pub fn default_uuid(name: &str) -> [u8; 16] {
+    let a = fnv1a64(name.as_bytes());
+    let b = fnv1a64(&a.to_le_bytes()) ^ 0x6665_7272_6f76_6973; // "ferrovis"
+    let mut u = [0u8; 16];
+    u[..8].copy_from_slice(&a.to_be_bytes());
+    u[8..].copy_from_slice(&b.to_be_bytes());
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as Linux prints `/sys/hypervisor/uuid`.
+pub fn uuid_string(u: &[u8; 16]) -> UuidText {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [0u8; 36];
+    let mut j = 0;
+    for (i, b) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            t[j] = b'-';
+            j += 1;
+        }
+        t[j] = HEX[usize::from(b >> 4)];
+        t[j + 1] = HEX[usize::from(b & 15)];
+        j += 2;
+    }
+    UuidText(t)
+}
+
+/// The text of a UUID ([`uuid_string`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UuidText([u8; 36]);
+
+impl UuidText {
+    /// As a string.
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
 /// 64-bit FNV-1a, the checksum of the `ramdisk` check.
 pub fn fnv1a64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -169,6 +212,19 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_uuids_are_v4_shaped_and_stable() {
+        let u = default_uuid("linux");
+        assert_eq!(u, default_uuid("linux"));
+        assert_ne!(u, default_uuid("linux-b"));
+        let t = uuid_string(&u);
+        let s = t.as_str();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
+        assert_eq!(s.matches('-').count(), 4);
+    }
 
     #[test]
     fn ids_round_trip_and_names_are_unique() {

@@ -25,6 +25,8 @@ pub const XENVER_CHANGESET: u64 = 4;
 pub const XENVER_GET_FEATURES: u64 = 6;
 /// `XENVER_pagesize`
 pub const XENVER_PAGESIZE: u64 = 7;
+/// `XENVER_guest_handle`: the domain's handle (its UUID, 16 bytes).
+pub const XENVER_GUEST_HANDLE: u64 = 8;
 
 /// `XENMEM_add_to_physmap`
 pub const XENMEM_ADD_TO_PHYSMAP: u64 = 7;

@@ -43,6 +43,8 @@ pub struct DomainConfig {
     pub vcpus: u32,
     /// `vif`: one raw specification string per network interface.
     pub vifs: Vec<String>,
+    /// `uuid` (Xen's domain handle), or [`abi::ferro::default_uuid`] of the name.
+    pub uuid: [u8; 16],
     /// `pci`: PCI devices given to the domain, as (bus, device, function) on
     /// segment 0 (xl's `[SSSS:]BB:DD.F` syntax; per-device options are refused).
     pub pci: Vec<(u8, u8, u8)>,
@@ -460,12 +462,28 @@ const KNOWN: &[&str] = &[
     "maxvcpus",
     "vif",
     "pci",
+    "uuid",
     "on_poweroff",
     "on_reboot",
     "on_crash",
     "test_interface",
     "evtchn_fifo",
 ];
+
+/// Parses `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (hex, either case).
+pub fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let groups: Vec<&str> = text.split('-').collect();
+    let lens: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+    if lens != [8, 4, 4, 4, 12] {
+        return None;
+    }
+    let hex: String = groups.concat();
+    let mut u = [0u8; 16];
+    for (i, b) in u.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(u)
+}
 
 /// Parses one `pci = [...]` entry: `[SSSS:]BB:DD.F` in hex (segment 0 only).
 pub fn parse_bdf(spec: &str) -> Result<(u8, u8, u8), String> {
@@ -590,6 +608,18 @@ pub fn parse(text: &str) -> Result<DomainConfig, ConfigError> {
     }
 
     let vifs = settings.strings("vif")?;
+    let uuid = match settings.get("uuid") {
+        None => abi::ferro::default_uuid(&name),
+        Some(set) => match &set.value {
+            Value::Str(text) => parse_uuid(text).ok_or_else(|| ConfigError {
+                line: set.line,
+                message: format!(
+                    "`uuid` '{text}' is not a UUID like 'a8cc0dd0-2a26-4e25-9d5e-3e1f2b6a7c01'"
+                ),
+            })?,
+            _ => return err(set.line, "`uuid` must be a string"),
+        },
+    };
     let pci_line = settings.get("pci").map_or(0, |s| s.line);
     let pci = settings
         .strings("pci")?
@@ -632,6 +662,7 @@ pub fn parse(text: &str) -> Result<DomainConfig, ConfigError> {
         memory_mib,
         vcpus,
         vifs,
+        uuid,
         pci,
         on_poweroff,
         on_reboot,
@@ -670,6 +701,7 @@ mod tests {
                 memory_mib: 128,
                 vcpus: 1,
                 vifs: vec![],
+                uuid: abi::ferro::default_uuid("g1"),
                 pci: vec![],
                 on_poweroff: Action::Destroy,
                 on_reboot: Action::Restart,
@@ -865,6 +897,17 @@ test_interface = 1
         assert!(with("vif = [ , ]").is_err());
         // Unknown keys may have integer lists.
         assert!(with("cpus = [1, 2, 0x3]").is_ok());
+    }
+
+    #[test]
+    fn uuids() {
+        let c = with("uuid = 'A8CC0DD0-2a26-4e25-9d5e-3e1f2b6a7c01'").unwrap();
+        assert_eq!(c.uuid[0], 0xa8);
+        assert_eq!(c.uuid[15], 0x01);
+        assert_eq!(with("").unwrap().uuid, abi::ferro::default_uuid("g1"));
+        for bad in ["'a8cc0dd0'", "'a8cc0dd0-2a26-4e25-9d5e-3e1f2b6a7c0g'", "1"] {
+            assert!(with(&format!("uuid = {bad}")).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -99,6 +99,10 @@ fn xen_version(d: &mut DomainCore, cpu: &dyn GuestCpu, args: [u64; 5]) -> u64 {
             put(d, &fi)
         }
         hc::XENVER_PAGESIZE => 4096,
+        hc::XENVER_GUEST_HANDLE => {
+            let uuid = d.config.uuid;
+            put(d, &uuid)
+        }
         hc::XENVER_COMPILE_INFO => {
             // struct xen_compile_info: compiler[64], compile_by[16], compile_domain[32], compile_date[32]
             let mut ci = [0u8; 144];

@@ -346,7 +346,8 @@ impl Scenario {
 /// The command the `linux-boot` scenario runs in the Linux guest.
 /// It prints the hypervisor type, the release, the CPU count, then one line of dmesg for
 /// each fact the judge checks, in a fixed order.
-pub const LINUX_BOOT_CMD: &str = "cat /sys/hypervisor/type; uname -r; nproc; \
+pub const LINUX_BOOT_CMD: &str =
+    "cat /sys/hypervisor/type; uname -r; nproc; cat /sys/hypervisor/uuid; \
     for p in 'Booting kernel on Xen PVH' 'Grant table initialized' 'xen:events: Using' \
     'callback vector for event delivery' \
     'smp: Brought up' 'Switched to clocksource xen'; do dmesg | grep -m1 \"$p\"; done";
@@ -614,6 +615,12 @@ pub fn catalogue() -> Vec<Scenario> {
                     Line::Exact("xen".into()),
                     Line::Exact(LINUX_RELEASE.into()),
                     Line::Exact(LINUX_BOOT_VCPUS.to_string()),
+                    // XENVER_guest_handle: the domain's UUID (derived from its name)
+                    Line::Exact(
+                        abi::ferro::uuid_string(&abi::ferro::default_uuid("linux"))
+                            .as_str()
+                            .to_string(),
+                    ),
                     "Booting kernel on Xen PVH".into(),
                     "Grant table initialized".into(),
                     "xen:events: Using FIFO-based ABI".into(),
