@@ -120,7 +120,7 @@ pub fn handle(
         ))),
         Exit::ExternalInterrupt => Flow::Continue,
         Exit::InvalidState(code) => Flow::End(DomainEnd::Crashed(format!(
-            "the CPU refused to run the guest (VMRUN exit code {code:#x}): invalid guest state"
+            "the CPU refused to run the guest (VM entry code {code:#x}): invalid guest state"
         ))),
         Exit::Unhandled(code) => {
             if d.first_time(LOG_EXIT, code) {
