@@ -92,20 +92,45 @@ pub fn try_rdmsr(msr: u32) -> Result<u64, u8> {
     }
 }
 
-/// Xen hypercall through `vmmcall` (AMD): `rax` = number, arguments in `rdi`, `rsi`,
-/// `rdx`; the result comes back in `rax`.
+/// Which hypercall instruction this CPU has: 0 not known yet, 1 `vmmcall` (AMD),
+/// 2 `vmcall` (Intel). Decided once from the CPUID vendor, as Linux does.
+static HYPERCALL_INSN: AtomicU8 = AtomicU8::new(0);
+
+fn intel_cpu() -> bool {
+    match HYPERCALL_INSN.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let v = core::arch::x86_64::__cpuid(0);
+            let intel = v.ebx == 0x756e_6547 && v.edx == 0x4965_6e69 && v.ecx == 0x6c65_746e;
+            HYPERCALL_INSN.store(if intel { 2 } else { 1 }, Ordering::Relaxed);
+            intel
+        }
+    }
+}
+
+/// Xen hypercall through `vmmcall` (AMD) or `vmcall` (Intel): `rax` = number, arguments
+/// in `rdi`, `rsi`, `rdx`; the result comes back in `rax`.
 ///
 /// # Safety
 /// Pointer arguments are handed to the hypervisor, which may read (or, for some calls,
 /// write) guest memory through them: they must be valid for what `nr` does with them.
 pub unsafe fn hypercall(nr: u64, a1: u64, a2: u64, a3: u64) -> i64 {
     let ret: u64;
+    let intel = u64::from(intel_cpu());
     // SAFETY: the caller guarantees the arguments (see `# Safety`). The block is not
     // `nomem`: the hypervisor may read or write the memory the arguments name; every
     // argument register is declared clobbered in case the hypervisor changes it.
     unsafe {
         asm!(
+            "test {intel}, {intel}",
+            "jnz 2f",
             "vmmcall",
+            "jmp 3f",
+            "2:",
+            "vmcall",
+            "3:",
+            intel = in(reg) intel,
             inlateout("rax") nr => ret,
             inlateout("rdi") a1 => _,
             inlateout("rsi") a2 => _,
