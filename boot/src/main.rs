@@ -65,7 +65,11 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         free >> 20,
         memory::HEAP_SIZE >> 20
     );
-    match acpi_info::discover(bi.rsdp) {
+    let acpi = acpi_info::discover(bi.rsdp);
+    if let Some(port) = acpi.and_then(|a| a.emulator_pm1a_cnt) {
+        platform::set_poweroff_port(port);
+    }
+    match acpi {
         Some(a) => log::info!(
             "ACPI: RSDP at {:#x}, {} CPU(s) in the MADT; DMAR {}; SRAT {}; MCFG {}",
             a.rsdp,
