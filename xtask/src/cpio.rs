@@ -152,11 +152,11 @@ mod tests {
         a.add_dir("files", 0o755);
         a.add_file("files/k", &[1, 2, 3, 4, 5]);
         let bytes = a.finish();
-        let e = entries(&bytes).unwrap();
+        let e = super::entries(&bytes).unwrap();
         let names: Vec<&str> = e.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["domains/a.cfg", "files", "files/k"]);
         assert_eq!(e[2].1, &[1, 2, 3, 4, 5]);
-        assert!(entries(&bytes[..bytes.len() - 130]).is_err());
+        assert!(super::entries(&bytes[..bytes.len() - 130]).is_err());
     }
 
     #[test]

@@ -804,12 +804,12 @@ fn run_command(
     match b.exit {
         Some((code, at)) => {
             say!(
-                "guest command finished in {:.1} s (QEMU start to FERRO-EXIT)",
+                "guest command finished in {:.1} s (emulator start to FERRO-EXIT)",
                 at.as_secs_f64()
             );
             if let Some(up) = b.up_at {
                 say!(
-                    "(ferro-init: up {:.1} s after QEMU start)",
+                    "(ferro-init: up {:.1} s after the emulator started)",
                     up.as_secs_f64()
                 );
             }
