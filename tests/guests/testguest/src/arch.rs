@@ -92,35 +92,66 @@ pub fn try_rdmsr(msr: u32) -> Result<u64, u8> {
     }
 }
 
-/// Which hypercall instruction this CPU has: 0 not known yet, 1 `vmmcall` (AMD),
-/// 2 `vmcall` (Intel). Decided once from the CPUID vendor, as Linux does.
-static HYPERCALL_INSN: AtomicU8 = AtomicU8::new(0);
+/// The hypercall page: the hypervisor fills it with one 32-byte stub per hypercall
+/// (`mov eax, nr; vmcall|vmmcall; ret`, the instruction of the CPU's vendor) when its
+/// address is written to the MSR CPUID leaf 0x40000002 names, as Linux does.
+#[repr(C, align(4096))]
+struct HypercallPage([u8; 4096]);
 
-fn intel_cpu() -> bool {
-    match HYPERCALL_INSN.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let v = core::arch::x86_64::__cpuid(0);
-            let intel = v.ebx == 0x756e_6547 && v.edx == 0x4965_6e69 && v.ecx == 0x6c65_746e;
-            HYPERCALL_INSN.store(if intel { 2 } else { 1 }, Ordering::Relaxed);
-            intel
-        }
+static mut HYPERCALL_PAGE: HypercallPage = HypercallPage([0; 4096]);
+/// Set once the hypervisor has been told where the page is.
+static HYPERCALL_PAGE_READY: AtomicU8 = AtomicU8::new(0);
+/// The hypercall-page MSR (CPUID 0x40000002 ebx in Xen and here).
+const HYPERCALL_PAGE_MSR: u32 = 0x4000_0000;
+
+/// The address of the hypercall page, registered with the hypervisor on first use.
+fn hypercall_page() -> u64 {
+    let page = (&raw const HYPERCALL_PAGE) as u64;
+    if HYPERCALL_PAGE_READY.load(Ordering::Acquire) == 0 {
+        // SAFETY: the page is this guest's own, page-aligned and identity-mapped; the
+        // hypervisor writes the stubs into it and nothing else uses it.
+        unsafe { wrmsr(HYPERCALL_PAGE_MSR, page) };
+        HYPERCALL_PAGE_READY.store(1, Ordering::Release);
     }
+    page
 }
 
-/// Xen hypercall through `vmmcall` (AMD) or `vmcall` (Intel): `rax` = number, arguments
-/// in `rdi`, `rsi`, `rdx`; the result comes back in `rax`.
+/// Xen hypercall through the hypercall page: `rax` = number, arguments in `rdi`, `rsi`,
+/// `rdx`; the result comes back in `rax`.
 ///
 /// # Safety
 /// Pointer arguments are handed to the hypervisor, which may read (or, for some calls,
 /// write) guest memory through them: they must be valid for what `nr` does with them.
 pub unsafe fn hypercall(nr: u64, a1: u64, a2: u64, a3: u64) -> i64 {
     let ret: u64;
-    let intel = u64::from(intel_cpu());
-    // SAFETY: the caller guarantees the arguments (see `# Safety`). The block is not
-    // `nomem`: the hypervisor may read or write the memory the arguments name; every
-    // argument register is declared clobbered in case the hypervisor changes it.
+    let page = hypercall_page();
+    if nr < 4096 / 32 {
+        let stub = page + nr * 32;
+        // SAFETY: the caller guarantees the arguments (see `# Safety`). The stub is the
+        // hypervisor's `mov eax, nr; vmcall; ret` (`call` pushes: no `nostack`). The
+        // block is not `nomem`: the hypervisor may read or write the memory the
+        // arguments name; every argument register is declared clobbered in case the
+        // hypervisor changes it.
+        unsafe {
+            asm!(
+                "call {stub}",
+                stub = in(reg) stub,
+                inlateout("rax") nr => ret,
+                inlateout("rdi") a1 => _,
+                inlateout("rsi") a2 => _,
+                inlateout("rdx") a3 => _,
+                lateout("r10") _,
+                lateout("r8") _,
+            )
+        };
+        return ret as i64;
+    }
+    // Numbers beyond the page (the project's test hypercall, deliberately bad ones): the
+    // instruction the hypervisor put in stub 0 (bytes 5..8: 0f 01 c1 vmcall, 0f 01 d9
+    // vmmcall).
+    // SAFETY: the page was filled by the hypervisor when registered; one byte is read.
+    let intel = u64::from(unsafe { ((page + 7) as *const u8).read_volatile() } == 0xc1);
+    // SAFETY: as above.
     unsafe {
         asm!(
             "test {intel}, {intel}",
