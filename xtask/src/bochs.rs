@@ -270,17 +270,21 @@ impl Read for Tail {
 /// the hypervisor's verdict status.
 pub fn follow_to_stdout(mut run: BochsRun) -> Result<Option<i32>> {
     let mut child = spawn(&mut run)?;
-    let done = Arc::new(AtomicBool::new(false));
-    let mut tail = Tail::new(&run.serial, done.clone())?;
+    if !run.serial.exists() {
+        File::create(&run.serial)?;
+    }
+    let mut file = File::open(&run.serial)?;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        if child.try_wait()?.is_some() {
-            done.store(true, Ordering::Release);
-        }
-        let n = tail.read(&mut buf)?;
+        let exited = child.try_wait()?.is_some();
+        let n = file.read(&mut buf)?;
         if n == 0 {
-            break;
+            if exited {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
         }
         seen.extend_from_slice(&buf[..n]);
         let mut out = std::io::stdout().lock();
