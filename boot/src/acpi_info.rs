@@ -42,6 +42,10 @@ pub struct AcpiInfo {
     pub srat: Option<u64>,
     /// Physical address of the MCFG (PCI ECAM), if any.
     pub mcfg: Option<u64>,
+    /// The FADT's PM1a control port when the firmware is an emulator's (OEM "BOCHS ",
+    /// as Bochs and QEMU write it), whose S5 sleep type is 0: how the image powers off
+    /// there.
+    pub emulator_pm1a_cnt: Option<u16>,
 }
 
 /// Finds the ACPI tables; `None` (with a warning) when the machine has none.
@@ -72,6 +76,16 @@ pub fn discover(rsdp_hint: Option<u64>) -> Option<AcpiInfo> {
                 let flags = l.flags;
                 if flags & 1 != 0 {
                     info.cpus += 1;
+                }
+            }
+        }
+    }
+    if let Ok(fadt) = tables.find_table::<acpi::fadt::Fadt>() {
+        let oem = acpi::AcpiTable::header(&*fadt).oem_id;
+        if &oem == b"BOCHS " {
+            if let Ok(cnt) = fadt.pm1a_control_block() {
+                if cnt.address_space == acpi::address::AddressSpace::SystemIo {
+                    info.emulator_pm1a_cnt = u16::try_from(cnt.address).ok();
                 }
             }
         }

@@ -107,6 +107,111 @@ fn c_strlen(pa: u64, max: u64) -> u64 {
     n
 }
 
+/// Multiboot2 tag types of the EFI information.
+const TAG_EFI64_SYSTEM_TABLE: u32 = 12;
+const TAG_EFI_MMAP: u32 = 17;
+
+/// E820 type for an EFI memory type: memory free once boot services have exited is RAM
+/// (1), ACPI reclaimable (3) and NVS (4) keep theirs, the rest is reserved (2).
+fn e820_of_efi(t: u32) -> u32 {
+    match t {
+        1..=4 | 7 => 1, // loader code/data, boot services code/data, conventional
+        9 => 3,
+        10 => 4,
+        _ => 2,
+    }
+}
+
+/// Fills the memory map and the RSDP from the multiboot2 EFI tags when the standard
+/// tags did not give them (`mbi`: the whole information structure).
+fn efi_fallback(bi: &mut BootInfo, mbi: &[u8]) {
+    let u32_at = |b: &[u8], o: usize| {
+        b.get(o..o + 4)
+            .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+    };
+    let u64_at = |b: &[u8], o: usize| {
+        b.get(o..o + 8)
+            .map(|x| u64::from_le_bytes(x.try_into().unwrap_or([0; 8])))
+    };
+    let mut at = 8;
+    while let (Some(typ), Some(size)) = (u32_at(mbi, at), u32_at(mbi, at + 4)) {
+        let size = size as usize;
+        if typ == 0 || size < 8 || at + size > mbi.len() {
+            break;
+        }
+        let tag = &mbi[at..at + size];
+        if typ == TAG_EFI_MMAP && bi.nregions == 0 {
+            let stride = u32_at(tag, 8).unwrap_or(0) as usize;
+            let mut d = 16;
+            while stride >= 32 && d + stride <= tag.len() && bi.nregions < MAX_REGIONS {
+                let (Some(t), Some(start), Some(pages)) =
+                    (u32_at(tag, d), u64_at(tag, d + 8), u64_at(tag, d + 24))
+                else {
+                    break;
+                };
+                bi.regions[bi.nregions] = Region {
+                    start,
+                    end: start.saturating_add(pages.saturating_mul(4096)),
+                    kind: e820_of_efi(t),
+                };
+                bi.nregions += 1;
+                d += stride;
+            }
+        }
+        if typ == TAG_EFI64_SYSTEM_TABLE && bi.rsdp.is_none() {
+            if let Some(st) = u64_at(tag, 8) {
+                bi.rsdp = rsdp_from_efi_system_table(st);
+            }
+        }
+        at += size.next_multiple_of(8);
+    }
+}
+
+/// The RSDP from the EFI system table's configuration table (ACPI 2.0 entry, else 1.0).
+fn rsdp_from_efi_system_table(st: u64) -> Option<u64> {
+    const ACPI20: [u8; 16] = [
+        0x71, 0xe8, 0x68, 0x88, 0xf1, 0xe4, 0xd3, 0x11, 0xbc, 0x22, 0x00, 0x80, 0xc7, 0x3c, 0x88,
+        0x81,
+    ];
+    const ACPI10: [u8; 16] = [
+        0x30, 0x2d, 0x9d, 0xeb, 0x88, 0x2d, 0xd3, 0x11, 0x9a, 0x16, 0x00, 0x90, 0x27, 0x3f, 0xc1,
+        0x4d,
+    ];
+    if st == 0 || st >= 1 << 32 {
+        return None; // only the identity-mapped first 4 GiB is reachable this early
+    }
+    // SAFETY: the firmware's system table stays in runtime memory below 4 GiB (checked)
+    // after boot services exited; its header is read once, by value.
+    let (n, table) = unsafe {
+        (
+            ((st + 104) as *const u64).read_unaligned(),
+            ((st + 112) as *const u64).read_unaligned(),
+        )
+    };
+    if table == 0 || table >= 1 << 32 || n > 256 {
+        return None;
+    }
+    let mut found = None;
+    for i in 0..n {
+        let e = table + i * 24;
+        // SAFETY: the configuration table has `n` 24-byte entries (GUID, pointer) in
+        // firmware memory below 4 GiB.
+        let (guid, ptr) = unsafe {
+            (
+                (e as *const [u8; 16]).read_unaligned(),
+                ((e + 16) as *const u64).read_unaligned(),
+            )
+        };
+        if guid == ACPI20 {
+            return Some(ptr);
+        }
+        if guid == ACPI10 {
+            found = Some(ptr);
+        }
+    }
+    found
+}
+
 /// Parses the boot information the entry code received.
 pub fn parse(eax: u32, ebx: u32) -> Result<BootInfo, BootInfoError> {
     let mut bi = BootInfo {
@@ -156,6 +261,19 @@ pub fn parse(eax: u32, ebx: u32) -> Result<BootInfo, BootInfoError> {
             bi.rsdp = Some(t as *const _ as *const u8 as u64 + 8);
         } else if let Some(t) = mbi.rsdp_v1_tag() {
             bi.rsdp = Some(t as *const _ as *const u8 as u64 + 8);
+        }
+        // Under UEFI a loader may give only the EFI tags: the EFI memory map, and the
+        // EFI system table whose configuration table points at the RSDP.
+        if bi.nregions == 0 || bi.rsdp.is_none() {
+            // SAFETY: the structure was validated by the crate above; it spans
+            // info_range and stays reserved while this reads it.
+            let raw = unsafe {
+                core::slice::from_raw_parts(
+                    bi.info_range.0 as *const u8,
+                    (bi.info_range.1 - bi.info_range.0) as usize,
+                )
+            };
+            efi_fallback(&mut bi, raw);
         }
         return Ok(bi);
     }

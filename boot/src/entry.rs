@@ -31,6 +31,11 @@ mb2_header_start:
     .short 1, 0
     .long 24
     .long 4, 6, 14, 15
+    /* optional (flags bit 0) under UEFI: EFI 64-bit system table (12), EFI mmap (17) */
+    .p2align 3
+    .short 1, 1
+    .long 16
+    .long 12, 17
     /* end tag */
     .p2align 3
     .short 0, 0

@@ -15,7 +15,9 @@ mod platform;
 mod rt;
 mod time;
 
+use hypervisor::arch::cpu::HostCpu;
 use hypervisor::arch::svm::{self, SvmError};
+use hypervisor::arch::vmx;
 use platform::ExitCode;
 
 /// Prints `FATAL: ...` and stops the machine with the fatal verdict.
@@ -64,6 +66,9 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         memory::HEAP_SIZE >> 20
     );
     let acpi = acpi_info::discover(bi.rsdp);
+    if let Some(port) = acpi.and_then(|a| a.emulator_pm1a_cnt) {
+        platform::set_poweroff_port(port);
+    }
     match acpi {
         Some(a) => log::info!(
             "ACPI: RSDP at {:#x}, {} CPU(s) in the MADT; DMAR {}; SRAT {}; MCFG {}",
@@ -91,30 +96,7 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     let apic_khz = unsafe { hypervisor::arch::lapic::init(time::tsc_per_ms()) };
     log::info!("local APIC timer: {apic_khz} kHz");
 
-    let features = match svm::detect() {
-        Ok(f) => f,
-        Err(SvmError::NoSvm) => {
-            let vendor = hypervisor::arch::x86::cpuid(0, 0);
-            if vendor[1] == 0x756e_6547 {
-                fatal!("this CPU has no AMD SVM: it is an Intel CPU and the VMX backend is not built yet; under QEMU TCG use -cpu max or -cpu qemu64,+svm,+npt")
-            }
-            fatal!("this CPU has no AMD SVM (secure virtual machine): under QEMU TCG use -cpu max or -cpu qemu64,+svm,+npt; on hardware enable SVM in the firmware")
-        }
-        Err(SvmError::DisabledByFirmware) => fatal!("this CPU has AMD SVM but the firmware disabled it (VM_CR.SVMDIS): enable \"SVM mode\" in the firmware setup"),
-        Err(SvmError::NoNpt) => fatal!("this CPU has SVM but no nested paging (NPT), which ferrovisor requires: under QEMU TCG add +npt (-cpu qemu64,+svm,+npt) or use -cpu max"),
-    };
-    // SAFETY: once, on the boot CPU, interrupts off, after detect() succeeded.
-    let cpu = unsafe { svm::enable(features) };
-    log::info!(
-        "SVM enabled: nested paging, {} ASIDs, next-RIP {}, FPU switch {:?}",
-        features.asids,
-        if features.nrips {
-            "reported"
-        } else {
-            "decoded by the hypervisor"
-        },
-        cpu.fpu
-    );
+    let cpu = enable_virtualisation();
 
     let Some(m) = bi.modules().first() else {
         fatal!("no boot module: pass the domain bundle as the first module (QEMU -initrd, GRUB module2); `cargo xtask run` does this")
@@ -133,6 +115,52 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         }
         Err(msg) => fatal!("{msg}"),
     }
+}
+
+/// Turns on the CPU's virtualisation extension, chosen by the CPUID vendor: Intel VMX
+/// with EPT, else AMD SVM with nested paging. Stops with a FATAL line naming the cause
+/// and the fix when it cannot be used.
+fn enable_virtualisation() -> HostCpu {
+    let vendor = hypervisor::arch::x86::cpuid(0, 0);
+    let intel = vendor[1] == 0x756e_6547 && vendor[3] == 0x4965_6e69 && vendor[2] == 0x6c65_746e;
+    if intel {
+        let features = match vmx::detect() {
+            Ok(f) => f,
+            Err(e) => fatal!("{e}"),
+        };
+        log::debug!("VMX features: {features:?}");
+        // SAFETY: once, on the boot CPU, interrupts off, after detect() succeeded.
+        let cpu = match unsafe { vmx::enable(features) } {
+            Ok(c) => c,
+            Err(e) => fatal!("{e}"),
+        };
+        log::info!(
+            "VMX enabled: EPT (pages up to {:?}), unrestricted guest, VPID {}, FPU switch {:?}",
+            features.ept_max_page,
+            if features.vpid { "on" } else { "off" },
+            cpu.fpu
+        );
+        return HostCpu::Vmx(cpu);
+    }
+    let features = match svm::detect() {
+        Ok(f) => f,
+        Err(SvmError::NoSvm) => fatal!("this CPU has no AMD SVM (secure virtual machine): under QEMU TCG use -cpu max or -cpu qemu64,+svm,+npt; on hardware enable SVM in the firmware"),
+        Err(SvmError::DisabledByFirmware) => fatal!("this CPU has AMD SVM but the firmware disabled it (VM_CR.SVMDIS): enable \"SVM mode\" in the firmware setup"),
+        Err(SvmError::NoNpt) => fatal!("this CPU has SVM but no nested paging (NPT), which ferrovisor requires: under QEMU TCG add +npt (-cpu qemu64,+svm,+npt) or use -cpu max"),
+    };
+    // SAFETY: once, on the boot CPU, interrupts off, after detect() succeeded.
+    let cpu = unsafe { svm::enable(features) };
+    log::info!(
+        "SVM enabled: nested paging, {} ASIDs, next-RIP {}, FPU switch {:?}",
+        features.asids,
+        if features.nrips {
+            "reported"
+        } else {
+            "decoded by the hypervisor"
+        },
+        cpu.fpu
+    );
+    HostCpu::Svm(cpu)
 }
 
 /// Masks every line of the two legacy 8259 PICs. Host interrupts are not used: a

@@ -54,6 +54,8 @@ pub fn guest_cpuid(
             let [eax, ebx, mut ecx, edx] = host(1, 0);
             ecx &= !((1 << 5)      // VMX
                 | (1 << 3)         // MONITOR/MWAIT
+                | (1 << 7)         // EST: no P-state MSRs
+                | (1 << 8)         // TM2: no thermal MSRs
                 | (1 << 27)        // OSXSAVE (set below from the guest's CR4)
                 | (1 << 24)); // TSC deadline: the virtual APIC has one-shot/periodic only
             ecx |= (1 << 31) | (1 << 21); // hypervisor present; x2APIC (see vlapic)
@@ -63,13 +65,17 @@ pub fn guest_cpuid(
             let ebx = (ebx & 0x00ff_ffff) | (u32::from(view.apic_id) << 24);
             // No machine-check architecture is emulated (MCE, MCA): Linux would read the
             // MCG/MCi MSRs.
-            let edx = edx & !((1 << 7) | (1 << 14));
+            // Nor thermal monitoring (ACPI, TM, PBE: Intel Linux writes the thermal
+            // interrupt MSR when it sees them), as Xen's HVM policy.
+            let edx = edx & !((1 << 7) | (1 << 14) | (1 << 22) | (1 << 29) | (1 << 31));
             [eax, ebx, ecx, edx]
         }
         7 if subleaf == 0 => {
             let [eax, mut ebx, mut ecx, edx] = host(7, 0);
-            // AVX-512 family (state components the guest cannot enable), Intel PT.
-            ebx &= !((1 << 16)
+            // AVX-512 family (state components the guest cannot enable), Intel PT;
+            // TSC_ADJUST (its MSR is not offered).
+            ebx &= !((1 << 1)
+                | (1 << 16)
                 | (1 << 17)
                 | (1 << 21)
                 | (1 << 26)
@@ -175,9 +181,16 @@ mod tests {
 
     #[test]
     fn leaf1_hides_vmx_and_sets_hypervisor_bit() {
-        let [_, ebx, ecx, _] = guest_cpuid(1, 0, VIEW, host);
+        let [_, ebx, ecx, edx] = guest_cpuid(1, 0, VIEW, host);
         assert_ne!(ecx & (1 << 31), 0);
         assert_eq!(ecx & (1 << 5), 0);
+        // no thermal or P-state features (EST, TM2; ACPI, TM, PBE), even when the host
+        // has every feature bit
+        let all = |l: u32, s: u32| if l == 1 { [0, 0, !0, !0] } else { host(l, s) };
+        let [_, _, ecx_all, edx_all] = guest_cpuid(1, 0, VIEW, all);
+        assert_eq!(ecx_all & ((1 << 7) | (1 << 8)), 0);
+        assert_eq!(edx_all & ((1 << 22) | (1 << 29) | (1 << 31)), 0);
+        assert_ne!(edx & 1, 0);
         assert_eq!(ecx & (1 << 27), 0);
         assert_eq!(ebx >> 24, 3);
         let v = GuestView {

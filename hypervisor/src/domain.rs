@@ -11,12 +11,13 @@ use abi::start_info::{
     HvmMemmapEntry, HvmModlistEntry, HvmStartInfo, HVM_START_MAGIC, MEMMAP_TYPE_RAM,
 };
 
+use crate::arch::cpu::{HostCpu, NestedTable, Vcpu};
 use crate::arch::phys::HostPhysMem;
-use crate::arch::svm::{PvhEntry, SvmCpu, SvmVcpu};
+use crate::arch::svm::PvhEntry;
 use crate::config::DomainConfig;
 use crate::loader;
 use crate::memory::{GuestMemory, CHUNK};
-use crate::paging::{Npt, PageSize, PageTable, Perms};
+use crate::paging::{PageSize, Perms};
 
 /// Counters kept per domain.
 #[derive(Default, Debug)]
@@ -63,7 +64,7 @@ pub struct DomainCore {
     /// Guest RAM.
     pub mem: GuestMemory,
     /// Nested page tables mirroring `mem`.
-    pub npt: PageTable<Npt>,
+    pub npt: NestedTable,
     /// Xen state: shared_info, vCPU placement and timers, HVM parameters.
     pub xen: crate::xen::XenDomain,
     /// Event channels: ports and bindings.
@@ -119,7 +120,7 @@ pub struct Domain {
     /// Memory, tables, counters.
     pub core: DomainCore,
     /// Virtual CPUs (vCPU 0 runs first; secondary vCPUs wait for the guest to start them).
-    pub vcpus: Vec<Box<SvmVcpu>>,
+    pub vcpus: Vec<Box<Vcpu>>,
 }
 
 /// Why a domain could not be built. Printed after "domain '<name>': ".
@@ -229,7 +230,7 @@ impl Domain {
         id: u16,
         config: DomainConfig,
         bundle: &[u8],
-        cpu: &SvmCpu,
+        cpu: &HostCpu,
     ) -> Result<Domain, BuildError> {
         Domain::build_with(id, config, bundle, cpu, None)
     }
@@ -240,7 +241,7 @@ impl Domain {
         id: u16,
         config: DomainConfig,
         bundle: &[u8],
-        cpu: &SvmCpu,
+        cpu: &HostCpu,
         mem: GuestMemory,
     ) -> Result<Domain, BuildError> {
         Domain::build_with(id, config, bundle, cpu, Some(mem))
@@ -250,7 +251,7 @@ impl Domain {
         id: u16,
         config: DomainConfig,
         bundle: &[u8],
-        cpu: &SvmCpu,
+        cpu: &HostCpu,
         mem: Option<GuestMemory>,
     ) -> Result<Domain, BuildError> {
         let started = crate::time::now_ns();
@@ -437,8 +438,9 @@ impl Domain {
         }
 
         let mut pm = HostPhysMem;
-        let mut npt =
-            PageTable::<Npt>::new(&mut pm, 4).map_err(|e| BuildError::Paging(format!("{e}")))?;
+        let mut npt = cpu
+            .nested_table(&mut pm)
+            .map_err(|e| BuildError::Paging(format!("{e}")))?;
         let rwx = Perms::ALL;
         for e in mem.extents() {
             let max = if e.gpa % CHUNK == 0 && e.hpa % CHUNK == 0 {
@@ -520,10 +522,10 @@ impl Domain {
         }
         let vcpus = (0..config.vcpus.max(1))
             .map(|i| {
-                Box::new(SvmVcpu::new_pvh(
+                Box::new(Vcpu::new_pvh(
                     cpu,
                     u32::from(id) * 256 + i + 1,
-                    npt.root(),
+                    &npt,
                     &entry,
                 ))
             })

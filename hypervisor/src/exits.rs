@@ -127,7 +127,7 @@ pub fn handle(
         ))),
         Exit::ExternalInterrupt => Flow::Continue,
         Exit::InvalidState(code) => Flow::End(DomainEnd::Crashed(format!(
-            "the CPU refused to run the guest (VMRUN exit code {code:#x}): invalid guest state"
+            "the CPU refused to run the guest (VM entry code {code:#x}): invalid guest state"
         ))),
         Exit::Unhandled(code) => {
             if d.first_time(LOG_EXIT, code) {
@@ -305,6 +305,14 @@ fn msr(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu, write: bool) -> Fl
         if m == 0x8b {
             return skip(d, cpu, Some(2)); // microcode signature reset: nothing to do
         }
+        if m == MISC_ENABLE_MSR {
+            // Linux rewrites it only to clear bits (XD disable, CPUID limit) that are
+            // never set here; any change is refused as Xen refuses it.
+            if v == MISC_ENABLE {
+                return skip(d, cpu, Some(2));
+            }
+            return gp_for_msr(d, cpu, m, "IA32_MISC_ENABLE is read-only");
+        }
         if crate::xen::is_mtrr(m) {
             // types 0, 1, 4, 5, 6 only; MTRRdefType bits 10, 11 and the type
             let bad_type = |t: u64| !matches!(t & 0xff, 0 | 1 | 4 | 5 | 6);
@@ -356,6 +364,8 @@ fn msr(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu, write: bool) -> Fl
                 x86::msr::APIC_BASE => Some(d.xen.vcpus[vcpu as usize].apic.base()),
                 // microcode patch level / BIOS signature: none
                 0x8b => Some(0),
+                // Intel CPUs: Linux's early boot reads it unguarded (verify_cpu)
+                MISC_ENABLE_MSR => Some(MISC_ENABLE),
                 0xfe => Some(crate::xen::MTRR_CAP),
                 m if crate::xen::is_mtrr(m) => {
                     Some(d.xen.vcpus[vcpu as usize].mtrr.get(&m).copied().unwrap_or(
@@ -387,6 +397,12 @@ fn msr(d: &mut DomainCore, vcpu: u32, cpu: &mut dyn GuestCpu, write: bool) -> Fl
         }
     }
 }
+
+/// IA32_MISC_ENABLE.
+const MISC_ENABLE_MSR: u32 = 0x1a0;
+/// What guests read from IA32_MISC_ENABLE (as Xen offers it): branch trace store and
+/// PEBS unavailable (bits 11, 12); no XD disable, no MONITOR, no CPUID limit.
+const MISC_ENABLE: u64 = (1 << 11) | (1 << 12);
 
 /// The MSR a guest writes its hypercall page's address to (CPUID 0x40000002 ebx).
 pub const HYPERCALL_PAGE_MSR: u32 = 0x4000_0000;

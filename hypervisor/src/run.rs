@@ -12,8 +12,8 @@ use alloc::vec::Vec;
 
 use abi::hypercall::{shutdown_reason_name, SHUTDOWN_POWEROFF};
 
+use crate::arch::cpu::HostCpu;
 use crate::arch::lapic;
-use crate::arch::svm::SvmCpu;
 use crate::config::Action;
 use crate::console::{Focus, InputSwitch, Typed};
 use crate::domain::{BuildError, Domain, DomainEnd};
@@ -49,7 +49,7 @@ pub struct Outcome {
 
 /// Runs every domain in `bundle` (`domains/*.cfg`, in name order, domids from 1).
 /// `Err` is a fatal error before any domain ran: the message says what and how to fix.
-pub fn run_bundle(bundle: &[u8], cpu: &SvmCpu) -> Result<Outcome, String> {
+pub fn run_bundle(bundle: &[u8], cpu: &HostCpu) -> Result<Outcome, String> {
     let mut cfgs = Vec::new();
     for e in crate::bundle::entries(bundle) {
         let e = e.map_err(|e| {
@@ -625,7 +625,7 @@ fn report_end(d: &mut Domain, end: DomainEnd) -> bool {
     ok
 }
 
-fn dump_vcpu(id: u16, v: u32, cpu: &crate::arch::svm::SvmVcpu) {
+fn dump_vcpu(id: u16, v: u32, cpu: &crate::arch::cpu::Vcpu) {
     let p = cpu.paging();
     log::error!(
         "d{id} vcpu{v}: rip {:#x} rsp {:#x} rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cr2 {:#x} exitintinfo {:#x}",

@@ -542,6 +542,13 @@ pub fn catalogue() -> Vec<Scenario> {
             Domain::test_guest("testguest", "test=exits"),
             "FATAL: this CPU has SVM but no nested paging (NPT)",
         ),
+        fatal(
+            "no-vmx",
+            "an Intel CPU without VMX is reported with the firmware setting to change",
+            "qemu64,vendor=GenuineIntel,-svm",
+            Domain::test_guest("testguest", "test=exits"),
+            "FATAL: this Intel CPU has no VMX (CPUID.1:ECX bit 5 is clear): enable \"Intel Virtualization Technology\"",
+        ),
         Scenario {
             name: "triple-fault",
             about: "a guest that triple-faults is crashed while a second domain completes its checks",
@@ -877,6 +884,84 @@ pub fn catalogue() -> Vec<Scenario> {
     ]
 }
 
+/// The `Scenario::cpu` of scenarios booted under Bochs (an Intel CPU with VMX, EPT,
+/// unrestricted guest and VPID): `bochs:` and the Bochs CPU model.
+pub const BOCHS_CPU: &str = "bochs:corei7_skylake_x";
+
+/// The command of the `vmx-linux` scenario (what `cargo xtask run --cpu vmx -- CMD` runs).
+pub const XEN_TYPE_CMD: &str = "cat /sys/hypervisor/type";
+
+/// Time a Linux boot under Bochs may take (xz decompression of the kernel alone takes
+/// ~75 s of the emulated CPU).
+pub const BOCHS_LINUX_TIMEOUT_SECS: u64 = 900;
+
+/// The scenarios run under Bochs (the VMX backend). By default `vmx-exits` (the exit
+/// paths) and `vmx-linux` (Debian's Linux boots and prints `xen`); with `--full` also
+/// every scenario of [`catalogue`] that does not depend on QEMU's CPU model, as
+/// `vmx-<name>`, and `vmx-no-ept` (Bochs' Core 2 has VMX without EPT).
+pub fn vmx_catalogue() -> Vec<Scenario> {
+    let mut out = Vec::new();
+    for s in catalogue() {
+        if s.cpu != "max" || s.nic.is_some() {
+            continue; // chosen QEMU CPU models (no SVM, no NPT, no VMX); QEMU's IOMMU and NIC
+        }
+        let default = s.name == "exits";
+        let name: &'static str = Box::leak(format!("vmx-{}", s.name).into_boxed_str());
+        let timeout_secs = if s.needs_linux_guest() {
+            BOCHS_LINUX_TIMEOUT_SECS
+        } else {
+            s.timeout_secs.max(DEFAULT_TIMEOUT_SECS)
+        };
+        out.push(Scenario {
+            name,
+            cpu: BOCHS_CPU,
+            timeout_secs,
+            full_only: !default,
+            ..s
+        });
+    }
+    out.insert(
+        1,
+        Scenario {
+            name: "vmx-linux",
+            about: "Debian's Linux boots as a PVH domU on VMX and EPT and reads                     /sys/hypervisor/type",
+            cpu: BOCHS_CPU,
+            hv_cmdline: "",
+            domains: vec![Domain::linux_guest("linux", Some(XEN_TYPE_CMD))],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "VMX enabled: EPT".into(),
+                    INIT_UP.into(),
+                    INIT_RUNNING.into(),
+                    Line::Exact("xen".into()),
+                    Line::Exact(format!("{EXIT_MARKER} 0")),
+                    "(linux) shut down: poweroff".into(),
+                    "all domain memory returned".into(),
+                ],
+                forbidden: strings(&["PANIC", "EXCEPTION", "FATAL", "Kernel panic", "crashed"]),
+            },
+            timeout_secs: BOCHS_LINUX_TIMEOUT_SECS,
+            full_only: false,
+            nic: None,
+        },
+    );
+    out.push(Scenario {
+        cpu: "bochs:core2_penryn_t9600",
+        ..fatal(
+            "vmx-no-ept",
+            "an Intel CPU with VMX but without EPT is reported",
+            BOCHS_CPU,
+            Domain::test_guest("testguest", "test=exits"),
+            "FATAL: this CPU's VMX has no EPT (extended page tables)",
+        )
+    });
+    if let Some(last) = out.last_mut() {
+        last.full_only = true;
+    }
+    out
+}
+
 /// Decides whether a run met `expect`. `status` is QEMU's exit status (`None` when it
 /// had none: killed on timeout or by a signal) and `serial` the captured serial output.
 ///
@@ -1015,8 +1100,28 @@ mod tests {
     }
 
     #[test]
+    fn vmx_scenarios_boot_bochs_and_default_to_two() {
+        let vmx = vmx_catalogue();
+        let default: Vec<_> = vmx
+            .iter()
+            .filter(|s| !s.full_only)
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(default, ["vmx-exits", "vmx-linux"]);
+        assert!(vmx.iter().all(|s| s.cpu.starts_with("bochs:")));
+        assert!(vmx.iter().all(|s| s.name.starts_with("vmx-")));
+        // QEMU CPU-model scenarios do not carry over
+        assert!(!vmx
+            .iter()
+            .any(|s| s.name == "vmx-no-svm" || s.name == "vmx-no-vmx"));
+        let linux = vmx.iter().find(|s| s.name == "vmx-linux").unwrap();
+        assert_eq!(linux.domains[0].linux_cmd.as_deref(), Some(XEN_TYPE_CMD));
+        assert!(linux.expect.lines.contains(&Line::Exact("xen".into())));
+    }
+
+    #[test]
     fn catalogue_names_are_unique_and_sane() {
-        let all = catalogue();
+        let all: Vec<Scenario> = catalogue().into_iter().chain(vmx_catalogue()).collect();
         let mut names: Vec<_> = all.iter().map(|s| s.name).collect();
         names.sort();
         names.dedup();

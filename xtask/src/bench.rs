@@ -345,7 +345,13 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
                 ),
                 Mode::Bare => (boot.bare_command(), Source::Bare),
             };
-            let b = run::boot_command(cmd, source, &log_of(mode), Some(timeout), false)?;
+            let b = run::boot_command(
+                crate::bochs::Launch::Qemu(cmd),
+                source,
+                &log_of(mode),
+                Some(timeout),
+                false,
+            )?;
             let t = timing(&b)?;
             print!("{:.1} s (up {:.1} s)", t.exit, t.up);
             let _ = std::io::stdout().flush();

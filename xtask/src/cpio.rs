@@ -10,6 +10,40 @@
 //! give the same bytes. Every entry has its own inode number and one link, so Linux never
 //! takes two entries for hard links of each other, even across concatenated archives.
 
+/// The (name, data) of every entry of a newc archive, in order, up to the trailer;
+/// `Err` for a malformed archive.
+pub fn entries(bytes: &[u8]) -> anyhow::Result<Vec<(String, &[u8])>> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    let field = |h: &[u8], i: usize| -> anyhow::Result<usize> {
+        let text = std::str::from_utf8(&h[6 + i * 8..14 + i * 8])?;
+        Ok(usize::from_str_radix(text, 16)?)
+    };
+    loop {
+        let Some(h) = bytes.get(at..at + 110) else {
+            anyhow::bail!("cpio archive truncated at byte {at}");
+        };
+        if &h[..6] != b"070701" {
+            anyhow::bail!("no cpio newc header at byte {at}");
+        }
+        let (filesize, namesize) = (field(h, 6)?, field(h, 11)?);
+        let name_end = at + 110 + namesize;
+        let name = bytes
+            .get(at + 110..name_end.saturating_sub(1))
+            .ok_or_else(|| anyhow::anyhow!("cpio name truncated at byte {at}"))?;
+        let name = String::from_utf8_lossy(name).into_owned();
+        let data_at = name_end.next_multiple_of(4);
+        let data = bytes
+            .get(data_at..data_at + filesize)
+            .ok_or_else(|| anyhow::anyhow!("cpio entry '{name}' truncated"))?;
+        if name == "TRAILER!!!" {
+            return Ok(out);
+        }
+        out.push((name, data));
+        at = (data_at + filesize).next_multiple_of(4);
+    }
+}
+
 /// Builds a newc archive in memory.
 #[derive(Debug, Default)]
 pub struct Archive {
@@ -110,6 +144,20 @@ impl Archive {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_read_back_what_was_written() {
+        let mut a = Archive::new();
+        a.add_file("domains/a.cfg", b"name = \"a\"\n");
+        a.add_dir("files", 0o755);
+        a.add_file("files/k", &[1, 2, 3, 4, 5]);
+        let bytes = a.finish();
+        let e = super::entries(&bytes).unwrap();
+        let names: Vec<&str> = e.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["domains/a.cfg", "files", "files/k"]);
+        assert_eq!(e[2].1, &[1, 2, 3, 4, 5]);
+        assert!(super::entries(&bytes[..bytes.len() - 130]).is_err());
+    }
 
     #[test]
     fn one_file_archive_has_known_bytes() {

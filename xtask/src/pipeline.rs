@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything CI runs, in order: formatting, clippy, host unit
-//! tests, the build, then the QEMU scenarios of the `ferrovisor-tests` catalogue.
+//! tests, the build, then the scenarios of the `ferrovisor-tests` catalogue: under QEMU
+//! (AMD SVM) and under Bochs (Intel VMX; by default the exit paths and one Linux boot).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use ferrovisor_tests::{catalogue, judge, Scenario};
+use ferrovisor_tests::{catalogue, judge, vmx_catalogue, Scenario};
 
 use crate::guest::{self, LinuxGuest};
 use crate::image::{self, Profile};
@@ -17,7 +18,11 @@ use crate::{bundle, kernels, qemu, sys};
 /// Options of `cargo xtask test`.
 #[derive(Args, Debug)]
 pub struct TestArgs {
-    /// Also run the scenarios marked full-only (none today: the same set as without it).
+    /// Only the scenarios of one backend: `svm` (QEMU TCG) or `vmx` (Bochs); default both
+    /// (under Bochs, `vmx-exits` and `vmx-linux` unless `--full`).
+    #[arg(long, value_name = "svm|vmx")]
+    pub cpu: Option<String>,
+    /// Also run the scenarios marked full-only (under Bochs: every scenario QEMU runs).
     #[arg(long)]
     pub full: bool,
     /// Run only this scenario (repeat for more); default: every scenario of the set.
@@ -37,7 +42,12 @@ const LOG_TAIL_LINES: usize = 30;
 
 /// The scenarios `args` selects, in catalogue order.
 fn select(args: &TestArgs) -> Result<Vec<Scenario>> {
-    let all = catalogue();
+    let all: Vec<Scenario> = match args.cpu.as_deref() {
+        None => catalogue().into_iter().chain(vmx_catalogue()).collect(),
+        Some("svm") => catalogue(),
+        Some("vmx") => vmx_catalogue(),
+        Some(other) => bail!("--cpu {other}: unknown backend (`svm`: QEMU, `vmx`: Bochs)"),
+    };
     if args.scenario.is_empty() {
         return Ok(all
             .into_iter()
@@ -146,12 +156,24 @@ pub fn test(args: TestArgs) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
 
+    let bochs_count = scenarios.iter().filter(|s| is_bochs(s)).count();
     header(
         5,
         STEPS,
-        &format!("QEMU scenarios ({} selected)", scenarios.len()),
+        &format!(
+            "scenarios ({} selected: {} on QEMU, {} on Bochs)",
+            scenarios.len(),
+            scenarios.len() - bochs_count,
+            bochs_count
+        ),
     );
-    sys::ensure(sys::QEMU)?;
+    if bochs_count < scenarios.len() {
+        sys::ensure(sys::QEMU)?;
+    }
+    if bochs_count > 0 {
+        sys::ensure(crate::bochs::REQUIREMENTS)?;
+        sys::ensure(crate::iso::REQUIREMENTS)?;
+    }
     // Only download and build the Linux guest when a selected scenario boots it.
     let linux = if scenarios.iter().any(Scenario::needs_linux_guest) {
         println!("preparing the Linux guest (cargo xtask guest)...");
@@ -185,6 +207,7 @@ fn run_scenarios(
     let testguest = image::testguest(Profile::Release);
 
     let (mut passed, mut failed) = (0, 0);
+    let mut bochs_secs = 0.0;
     for s in scenarios {
         println!("--- {}: {}", s.name, s.about);
         let log = logs.join(format!("{}.log", s.name));
@@ -200,6 +223,9 @@ fn run_scenarios(
             }
         };
         let secs = start.elapsed().as_secs_f64();
+        if is_bochs(s) {
+            bochs_secs += secs;
+        }
         match verdict {
             Ok(()) => {
                 passed += 1;
@@ -212,7 +238,15 @@ fn run_scenarios(
             }
         }
     }
+    if bochs_secs > 0.0 {
+        println!("Bochs scenarios took {bochs_secs:.0} s in all");
+    }
     Ok((passed, failed))
+}
+
+/// Whether the scenario boots Bochs (VMX) rather than QEMU.
+fn is_bochs(s: &Scenario) -> bool {
+    s.cpu.starts_with(crate::bochs::CPU_PREFIX)
 }
 
 /// Boots one scenario; `Err` holds the reason it failed.
@@ -234,23 +268,42 @@ fn run_one(
         Some(nic) => nic.qemu_args(free_udp_port().map_err(|e| format!("{e:#}"))?),
         None => Vec::new(),
     };
-    let cmd = qemu::command(&qemu::Boot {
-        image,
-        bundle: &bundle_path,
-        cmdline: s.hv_cmdline,
-        cpu: s.cpu,
-        domain_memory_mib: s.domains.iter().map(|d| d.memory_mib).sum(),
-        serial: qemu::Serial::File(log.to_path_buf()),
-        extra: &extra,
-    });
-    println!("$ {}", sys::shell_line(&cmd));
-    let ended = qemu::run_with_timeout(cmd, Duration::from_secs(s.timeout_secs), &qemu_out)
-        .map_err(|e| format!("{e:#}"))?;
+    let launch = crate::bochs::launch(
+        &qemu::Boot {
+            image,
+            bundle: &bundle_path,
+            cmdline: s.hv_cmdline,
+            cpu: s.cpu,
+            domain_memory_mib: s.domains.iter().map(|d| d.memory_mib).sum(),
+            serial: qemu::Serial::File(log.to_path_buf()),
+            extra: &extra,
+        },
+        &work.join("bochs").join(s.name),
+    )
+    .map_err(|e| format!("{e:#}"))?;
+    println!("$ {}", sys::shell_line(launch.command()));
+    let timeout = Duration::from_secs(s.timeout_secs);
+    let (ended, bochs) = match launch {
+        crate::bochs::Launch::Qemu(cmd) => (qemu::run_with_timeout(cmd, timeout, &qemu_out), false),
+        crate::bochs::Launch::Bochs(run) => (
+            crate::bochs::run_with_timeout(run, timeout, &qemu_out),
+            true,
+        ),
+    };
+    let ended = ended.map_err(|e| format!("{e:#}"))?;
     let serial = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
-    let qemu_said = std::fs::read_to_string(&qemu_out).unwrap_or_default();
+    // Bochs' display is terminal escapes: not worth quoting.
+    let qemu_said = if bochs {
+        String::new()
+    } else {
+        std::fs::read_to_string(&qemu_out).unwrap_or_default()
+    };
     let qemu_said = qemu_said.trim();
 
     let status = match ended {
+        // Bochs exits with 1 however the run went: the image's verdict line stands for
+        // the status QEMU's isa-debug-exit would give.
+        qemu::Ended::Exited(_) if bochs => crate::bochs::verdict(&serial),
         qemu::Ended::Exited(status) => status,
         qemu::Ended::TimedOut => None,
     };
@@ -309,6 +362,7 @@ mod tests {
 
     fn args(full: bool, scenario: &[&str]) -> TestArgs {
         TestArgs {
+            cpu: None,
             full,
             scenario: scenario.iter().map(|s| s.to_string()).collect(),
             keep_going: false,
@@ -323,6 +377,22 @@ mod tests {
         assert_eq!(names, ["exits", "no-svm"]);
         let err = select(&args(false, &["nope"])).unwrap_err().to_string();
         assert!(err.contains("unknown scenario 'nope'") && err.contains("exits"));
+    }
+
+    #[test]
+    fn the_cpu_option_picks_the_backend() {
+        let mut a = args(false, &[]);
+        let both = select(&a).unwrap();
+        a.cpu = Some("vmx".into());
+        let vmx = select(&a).unwrap();
+        let names: Vec<_> = vmx.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["vmx-exits", "vmx-linux"]);
+        a.cpu = Some("svm".into());
+        let svm = select(&a).unwrap();
+        assert!(svm.iter().all(|s| !is_bochs(s)));
+        assert_eq!(both.len(), svm.len() + vmx.len());
+        a.cpu = Some("arm".into());
+        assert!(select(&a).is_err());
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +17,7 @@ use ferrovisor_tests::{
     linux_cmdline, status_meaning, Domain, KernelSource, LINUX_MEMORY_MIB, STATUS_OK,
 };
 
+use crate::bochs::{self, Launch};
 use crate::bundle::BundledDomain;
 use crate::guest::LinuxGuest;
 use crate::image::{self, Profile};
@@ -71,10 +74,13 @@ pub struct RunArgs {
     /// The hypervisor's own command line (QEMU `-append`).
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
-    /// Virtualisation backend to boot: only `svm` (QEMU `-cpu max`) exists so far.
-    #[arg(long, value_name = "svm", default_value = "svm")]
+    /// Virtualisation backend: `svm` boots QEMU TCG (`-cpu max`, AMD SVM with nested
+    /// paging); `vmx` boots Bochs (`corei7_skylake_x`: Intel VMX with EPT) from the GRUB
+    /// ISO, headless, serial output only (no console input).
+    #[arg(long, value_name = "svm|vmx", default_value = "svm")]
     pub cpu: String,
-    /// Extra argument for QEMU, appended as it is (repeat for more, e.g. `--qemu-arg=-d`).
+    /// Extra argument for QEMU, appended as it is (repeat for more, e.g. `--qemu-arg=-d`);
+    /// with `--cpu vmx`, a bochsrc line for Bochs' command line.
     #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub qemu_args: Vec<String>,
     /// Build and boot the dev profile instead of release.
@@ -212,7 +218,18 @@ impl LinuxBoot<'_> {
         hv_cmdline: &str,
         cpu: &str,
     ) -> Command {
-        qemu::command(&qemu::Boot {
+        qemu::command(&self.hypervisor_boot(image, bundle, hv_cmdline, cpu))
+    }
+
+    /// The boot of the hypervisor `image` with `bundle`, on QEMU or Bochs (`cpu`).
+    pub fn hypervisor_boot<'b>(
+        &'b self,
+        image: &'b Path,
+        bundle: &'b Path,
+        hv_cmdline: &'b str,
+        cpu: &'b str,
+    ) -> qemu::Boot<'b> {
+        qemu::Boot {
             image,
             bundle,
             cmdline: hv_cmdline,
@@ -220,17 +237,33 @@ impl LinuxBoot<'_> {
             domain_memory_mib: self.memory_mib,
             serial: self.serial.clone(),
             extra: self.extra,
-        })
+        }
     }
 }
 
-/// The QEMU `-cpu` value for a `--cpu` backend name.
+/// The `Boot::cpu` value for a `--cpu` backend name: QEMU's `-cpu max` for `svm`,
+/// Bochs' Intel model for `vmx`.
 pub fn qemu_cpu(backend: &str) -> Result<&'static str> {
     match backend {
         "svm" => Ok("max"),
-        "vmx" => bail!("--cpu vmx: the VMX backend under Bochs is not built yet"),
-        other => bail!("--cpu {other}: unknown backend (only `svm` exists)"),
+        "vmx" => Ok(bochs::CPU),
+        other => bail!("--cpu {other}: unknown backend (`svm`: QEMU, `vmx`: Bochs)"),
     }
+}
+
+/// Makes sure the emulator for `cpu` (and for Bochs, GRUB's ISO tools) is installed.
+pub fn ensure_emulator(cpu: &str) -> Result<()> {
+    if cpu.starts_with(bochs::CPU_PREFIX) {
+        sys::ensure(bochs::REQUIREMENTS)?;
+        sys::ensure(crate::iso::REQUIREMENTS)
+    } else {
+        sys::ensure(sys::QEMU)
+    }
+}
+
+/// Where a Bochs run of `run` keeps its ISO, bochsrc and logs.
+fn bochs_dir(work: &Path) -> PathBuf {
+    work.join("bochs-run")
 }
 
 /// The process exit code for QEMU's status: 0 for a clean run (QEMU status 1), QEMU's
@@ -266,7 +299,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Profile::Release
     };
     if !args.dry_run {
-        sys::ensure(sys::QEMU)?;
+        ensure_emulator(if args.bare { "max" } else { cpu })?;
+    }
+    if args.bare && cpu != "max" {
+        bail!("--bare boots Linux on QEMU without the hypervisor: it does not go with --cpu vmx");
     }
     let work = sys::workspace_root().join("target").join("xtask");
     if !args.domains.is_empty() {
@@ -330,16 +366,19 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let bundle_path = work.join("run.cpio");
     write_bundle(&bundle_path, &domains[0])?;
-    let cmd = qemu::command(&qemu::Boot {
-        image: &image,
-        bundle: &bundle_path,
-        cmdline: &args.cmdline,
-        cpu,
-        domain_memory_mib: domain.memory_mib,
-        serial: qemu::Serial::Interactive,
-        extra: &args.qemu_args,
-    });
-    interactive(cmd, args.dry_run, false)
+    let launch = bochs::launch(
+        &qemu::Boot {
+            image: &image,
+            bundle: &bundle_path,
+            cmdline: &args.cmdline,
+            cpu,
+            domain_memory_mib: domain.memory_mib,
+            serial: qemu::Serial::Interactive,
+            extra: &args.qemu_args,
+        },
+        &bochs_dir(&work),
+    )?;
+    interactive(launch, args.dry_run, false)
 }
 
 /// Writes the boot bundle `bundle_path` for one domain and says what is in it.
@@ -405,18 +444,21 @@ fn run_linux(
             boot.vcpus,
             bundle::quote(&boot.bare_cmdline())
         );
-        (boot.bare_command(), Source::Bare)
+        (Launch::Qemu(boot.bare_command()), Source::Bare)
     } else {
         let image = image::build_hypervisor(profile)?;
         let bundle_path = work.join("run.cpio");
         write_bundle(&bundle_path, &boot.domain())?;
-        let cmd = boot.hypervisor_command(&image, &bundle_path, &args.cmdline, cpu);
-        (cmd, Source::Hypervisor { domid: 1 })
+        let launch = bochs::launch(
+            &boot.hypervisor_boot(&image, &bundle_path, &args.cmdline, cpu),
+            &bochs_dir(work),
+        )?;
+        (launch, Source::Hypervisor { domid: 1 })
     };
     match command {
         None => interactive(qemu_cmd, args.dry_run, args.bare),
         Some(_) if args.dry_run => {
-            say!("{}", sys::shell_line(&qemu_cmd));
+            say!("{}", sys::shell_line(qemu_cmd.command()));
             Ok(ExitCode::SUCCESS)
         }
         Some(_) => run_command(
@@ -432,15 +474,34 @@ fn run_linux(
 /// code follows its verdict; on bare QEMU it is QEMU's own status.
 /// `run --domain FILE...`: the user's xl.cfg files, bundled with the files they name.
 fn run_user_domains(args: &RunArgs, cpu: &str, profile: Profile, work: &Path) -> Result<ExitCode> {
-    let texts: Vec<String> = args
-        .domains
+    let image = image::build_hypervisor(profile)?;
+    let bundle_path = work.join("run.cpio");
+    let memory = write_user_bundle(&args.domains, profile, &bundle_path)?;
+    let launch = bochs::launch(
+        &qemu::Boot {
+            image: &image,
+            bundle: &bundle_path,
+            cmdline: &args.cmdline,
+            cpu,
+            domain_memory_mib: memory,
+            serial: qemu::Serial::Interactive,
+            extra: &args.qemu_args,
+        },
+        &bochs_dir(work),
+    )?;
+    interactive(launch, args.dry_run, false)
+}
+
+/// Writes the boot bundle for the user's xl.cfg files (with the files they name) to
+/// `bundle_path`; returns the sum of the domains' memory in MiB.
+pub fn write_user_bundle(files: &[PathBuf], profile: Profile, bundle_path: &Path) -> Result<u64> {
+    let texts: Vec<String> = files
         .iter()
         .map(|f| {
             std::fs::read_to_string(f)
                 .with_context(|| format!("reading domain config {}", f.display()))
         })
         .collect::<Result<_>>()?;
-    let image = image::build_hypervisor(profile)?;
     let testguest = if texts.iter().any(|t| crate::domains::needs_testguest(t)) {
         Some(image::build_testguest(profile)?)
     } else {
@@ -457,15 +518,15 @@ fn run_user_domains(args: &RunArgs, cpu: &str, profile: Profile, work: &Path) ->
             .as_ref()
             .map(|g| (g.vmlinuz.as_path(), g.initramfs.as_path())),
     };
-    let domains: Vec<_> = args
-        .domains
+    let domains: Vec<_> = files
         .iter()
         .enumerate()
         .map(|(i, f)| crate::domains::load(f, i, &known))
         .collect::<Result<_>>()?;
-    let bundle_path = work.join("run.cpio");
-    std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
-    std::fs::write(&bundle_path, crate::domains::bundle(&domains)?)
+    if let Some(dir) = bundle_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(bundle_path, crate::domains::bundle(&domains)?)
         .with_context(|| format!("writing {}", bundle_path.display()))?;
     for d in &domains {
         say!(
@@ -475,24 +536,33 @@ fn run_user_domains(args: &RunArgs, cpu: &str, profile: Profile, work: &Path) ->
             d.files.len()
         );
     }
-    let cmd = qemu::command(&qemu::Boot {
-        image: &image,
-        bundle: &bundle_path,
-        cmdline: &args.cmdline,
-        cpu,
-        domain_memory_mib: domains.iter().map(|d| d.memory_mib).sum(),
-        serial: qemu::Serial::Interactive,
-        extra: &args.qemu_args,
-    });
-    interactive(cmd, args.dry_run, false)
+    Ok(domains.iter().map(|d| d.memory_mib).sum())
 }
 
-fn interactive(mut cmd: Command, dry_run: bool, bare: bool) -> Result<ExitCode> {
+fn interactive(launch: Launch, dry_run: bool, bare: bool) -> Result<ExitCode> {
     if dry_run {
-        say!("{}", sys::shell_line(&cmd));
+        say!("{}", sys::shell_line(launch.command()));
         return Ok(ExitCode::SUCCESS);
     }
-    say!("$ {}", sys::shell_line(&cmd));
+    say!("$ {}", sys::shell_line(launch.command()));
+    let mut cmd = match launch {
+        Launch::Qemu(cmd) => cmd,
+        Launch::Bochs(run) => {
+            say!(
+                "(Bochs: serial output on this terminal, no input; log {}; Ctrl-C stops it)",
+                run.serial.display()
+            );
+            let status = bochs::follow_to_stdout(run)?;
+            match status {
+                Some(s) => say!(
+                    "the hypervisor ended with status {s}: {}",
+                    status_meaning(s)
+                ),
+                None => say!("Bochs ended without the hypervisor's verdict"),
+            }
+            return Ok(ExitCode::from(exit_code(status)));
+        }
+    };
     say!("(serial on this terminal; Ctrl-A X quits QEMU)");
     let status = cmd.status().context("starting qemu-system-x86_64")?.code();
     if bare {
@@ -584,7 +654,7 @@ impl CommandBoot {
 /// meanwhile to stderr. QEMU is killed [`AFTER_EXIT_GRACE`] after `FERRO-EXIT`, or at
 /// `timeout` when the command has not finished by then. Prints nothing else.
 pub fn boot_command(
-    mut qemu_cmd: Command,
+    launch: Launch,
     source: Source,
     log: &Path,
     timeout: Option<Duration>,
@@ -599,13 +669,27 @@ pub fn boot_command(
     let mut log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
 
     let start = Instant::now();
-    let mut child = qemu_cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(qemu_err)
-        .spawn()
-        .context("starting qemu-system-x86_64")?;
-    let serial = child.stdout.take().context("QEMU's stdout")?;
+    // Bochs writes its serial port to a file, followed here until Bochs has exited.
+    let bochs_done = Arc::new(AtomicBool::new(false));
+    let is_bochs = matches!(launch, Launch::Bochs(_));
+    let (mut child, serial): (std::process::Child, Box<dyn std::io::Read + Send>) = match launch {
+        Launch::Qemu(mut qemu_cmd) => {
+            let mut child = qemu_cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(qemu_err)
+                .spawn()
+                .context("starting qemu-system-x86_64")?;
+            let serial = child.stdout.take().context("QEMU's stdout")?;
+            (child, Box::new(serial))
+        }
+        Launch::Bochs(mut run) => {
+            let child = bochs::spawn(&mut run)?;
+            let tail = bochs::Tail::new(&run.serial, bochs_done.clone())?;
+            (child, Box::new(tail))
+        }
+    };
+    let mut verdict: Option<i32> = None;
     let (tx, rx) = mpsc::channel::<(Instant, String)>();
     let reader = std::thread::spawn(move || {
         let mut r = BufReader::new(serial);
@@ -637,6 +721,9 @@ pub fn boot_command(
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok((at, line)) => {
+                if let Some(v) = bochs::verdict(&line) {
+                    verdict = Some(v);
+                }
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();
                 }
@@ -661,6 +748,9 @@ pub fn boot_command(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
+        if is_bochs && child.try_wait()?.is_some() {
+            bochs_done.store(true, Ordering::Release);
+        }
         if killed.is_none() {
             let why = match (exit, timeout) {
                 (Some((_, at)), _) if start.elapsed() > at + AFTER_EXIT_GRACE => Some(format!(
@@ -674,13 +764,19 @@ pub fn boot_command(
                 _ => None,
             };
             if let Some(why) = why {
-                let _ = child.kill();
+                if is_bochs {
+                    bochs::kill(&mut child);
+                } else {
+                    let _ = child.kill();
+                }
                 killed = Some(why);
             }
         }
     }
-    let qemu_status = child.wait()?.code();
+    let status = child.wait()?.code();
     let _ = reader.join();
+    // Bochs' own status says nothing: the hypervisor's verdict line stands for it.
+    let qemu_status = if is_bochs { verdict } else { status };
 
     Ok(CommandBoot {
         source,
@@ -698,24 +794,24 @@ pub fn boot_command(
 /// `run -- CMD`: boots QEMU with a guest that runs a command, prints the command's output
 /// as it comes, and returns its status from the `FERRO-EXIT` line.
 fn run_command(
-    qemu_cmd: Command,
+    qemu_cmd: Launch,
     source: Source,
     work: &Path,
     timeout: Option<Duration>,
 ) -> Result<ExitCode> {
     let log = work.join("run.log");
-    say!("$ {}", sys::shell_line(&qemu_cmd));
+    say!("$ {}", sys::shell_line(qemu_cmd.command()));
     say!("(serial log: {})", log.display());
     let b = boot_command(qemu_cmd, source, &log, timeout, true)?;
     match b.exit {
         Some((code, at)) => {
             say!(
-                "guest command finished in {:.1} s (QEMU start to FERRO-EXIT)",
+                "guest command finished in {:.1} s (emulator start to FERRO-EXIT)",
                 at.as_secs_f64()
             );
             if let Some(up) = b.up_at {
                 say!(
-                    "(ferro-init: up {:.1} s after QEMU start)",
+                    "(ferro-init: up {:.1} s after the emulator started)",
                     up.as_secs_f64()
                 );
             }
@@ -745,11 +841,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_svm_is_offered() {
+    fn svm_is_qemu_and_vmx_is_bochs() {
         assert_eq!(qemu_cpu("svm").unwrap(), "max");
-        let err = qemu_cpu("vmx").unwrap_err().to_string();
-        assert!(err.contains("the VMX backend under Bochs is not built yet"));
-        assert!(qemu_cpu("arm").is_err());
+        assert_eq!(qemu_cpu("vmx").unwrap(), "bochs:corei7_skylake_x");
+        let err = qemu_cpu("arm").unwrap_err().to_string();
+        assert!(err.contains("`vmx`: Bochs"), "{err}");
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Hardware access: the only part of the hypervisor crate with `unsafe`.
 //!
 //! `x86` wraps the privileged instructions the rest needs, `phys` reads and writes
-//! physical memory through the identity map the image keeps, and `svm` is the AMD
-//! backend of the [`crate::vcpu::GuestCpu`] interface.
+//! physical memory through the identity map the image keeps, `svm` and `vmx` are the
+//! AMD and Intel backends of the [`crate::vcpu::GuestCpu`] interface, and `cpu` holds
+//! the types that hide which one boot chose.
+pub mod cpu;
 pub mod lapic;
 pub mod phys;
 pub mod svm;
+pub mod vmx;
 pub mod vtd;
 pub mod x86;

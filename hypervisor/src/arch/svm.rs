@@ -123,7 +123,7 @@ pub unsafe fn enable(features: SvmFeatures) -> SvmCpu {
 
 /// Enables XSAVE in CR4 when the CPU has it, with every component up to AVX that the
 /// CPU supports (more would need larger save areas and Bochs mis-sizes them).
-fn enable_fpu() -> FpuMode {
+pub(crate) fn enable_fpu() -> FpuMode {
     let has_xsave = raw_cpuid::CpuId::new()
         .get_feature_info()
         .is_some_and(|f| f.has_xsave());

@@ -351,21 +351,22 @@ fn run_reboot_n(want: i64) -> ! {
 /// leaf, and an `in` from an unclaimed port; 2000 of each. Prints TSC cycles per round
 /// trip; the hypervisor's log states its TSC frequency to convert them.
 fn run_bench() -> ! {
-    const N: u64 = 2000;
+    // `count=N` runs N round trips of each kind (default 2000)
+    let n = count_option(cmdline()).map_or(2000, |c| c.max(1) as u64);
     let tsc = || {
         // SAFETY: RDTSC is unprivileged and has no side effects.
         unsafe { core::arch::x86_64::_rdtsc() }
     };
     let time = |name: &str, f: &mut dyn FnMut()| {
         let t0 = tsc();
-        for _ in 0..N {
+        for _ in 0..n {
             f();
         }
-        let per = (tsc() - t0) / N;
+        let per = (tsc() - t0) / n;
         let mut line = StackBuf::<96>::new();
         let _ = writeln!(
             line,
-            "testguest: bench: {name}: {per} TSC cycles per round trip ({N} runs)"
+            "testguest: bench: {name}: {per} TSC cycles per round trip ({n} runs)"
         );
         console_write_bytes(line.as_bytes());
     };
