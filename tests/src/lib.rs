@@ -1208,6 +1208,7 @@ mod tests {
         let e = s.expect.with_linux_release("6.1.0-56-amd64");
         let serial = "(HV) ferrovisor\n(d1) ferro-init: up (6.1.0-56-amd64)\n\
                       (d1) ferro-init: running command\n(d1) xen\n(d1) 6.1.0-56-amd64\n(d1) 2\n\
+                      (d1) 5cad04a9-f1a5-405d-8477-930d3e15fc8d\n\
                       (d1) [    3.8] Booting kernel on Xen PVH\n\
                       (d1) [    4.4] Grant table initialized\n\
                       (d1) [    4.4] xen:events: Using FIFO-based ABI\n\
