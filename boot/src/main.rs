@@ -13,6 +13,7 @@ mod idt;
 mod memory;
 mod platform;
 mod rt;
+mod smp;
 mod time;
 
 use hypervisor::arch::svm::{self, SvmError};
@@ -37,9 +38,18 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         Err(e) => fatal!("no boot information I understand ({e}): boot the image with QEMU -kernel (PVH) or GRUB multiboot2"),
     };
     let cmdline = bi.cmdline();
+    let mut max_cpus = usize::MAX;
     for opt in cmdline.split_ascii_whitespace() {
         if let Some(l) = opt.strip_prefix("loglvl=") {
             console::set_level(l);
+        }
+        if let Some(n) = opt.strip_prefix("maxcpus=") {
+            match n.parse::<usize>() {
+                Ok(n) if n >= 1 => max_cpus = n,
+                _ => log::warn!(
+                    "maxcpus={n}: not a number of CPUs (1 or more): ignored, every CPU is used"
+                ),
+            }
         }
         if opt == "selftest=exception" {
             log::warn!("selftest=exception: executing ud2 in the hypervisor on purpose");
@@ -63,11 +73,13 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         free >> 20,
         memory::HEAP_SIZE >> 20
     );
-    match acpi_info::discover(bi.rsdp) {
+    let acpi = acpi_info::discover(bi.rsdp);
+    match &acpi {
         Some(a) => log::info!(
-            "ACPI: RSDP at {:#x}, {} CPU(s) in the MADT; DMAR {}; SRAT {}; MCFG {}",
+            "ACPI: RSDP at {:#x}, {} CPU(s) in the MADT (APIC ids {:?}); DMAR {}; SRAT {}; MCFG {}",
             a.rsdp,
             a.cpus,
+            a.apic_ids,
             a.dmar
                 .map_or("absent".into(), |x| alloc::format!("at {x:#x}")),
             a.srat
@@ -111,12 +123,23 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         cpu.fpu
     );
 
+    let apic_ids = acpi.map(|a| a.apic_ids).unwrap_or_default();
+    let cpus = smp::start_aps(&bi, &apic_ids, max_cpus, features);
+    log::info!(
+        "{} physical CPU(s) up: {}",
+        cpus.len(),
+        cpus.iter()
+            .map(|(i, apic)| alloc::format!("cpu{i} (apic id {apic})"))
+            .collect::<alloc::vec::Vec<_>>()
+            .join(", ")
+    );
+
     let Some(m) = bi.modules().first() else {
         fatal!("no boot module: pass the domain bundle as the first module (QEMU -initrd, GRUB module2); `cargo xtask run` does this")
     };
-    // SAFETY: the module lies in RAM the frame allocator keeps reserved; nothing writes
-    // it while domains are built from it.
-    let bundle = unsafe { hypervisor::arch::phys::slice(m.start, m.len) };
+    // SAFETY: the module lies in RAM the frame allocator keeps reserved for the whole
+    // run; nothing writes it while domains are built from it.
+    let bundle: &'static [u8] = unsafe { hypervisor::arch::phys::slice(m.start, m.len) };
     match hypervisor::run::run_bundle(bundle, &cpu) {
         Ok(o) => {
             log::info!("all domains finished: {} ok, {} failed", o.ok, o.failed);
@@ -130,8 +153,9 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     }
 }
 
-/// Masks every line of the two legacy 8259 PICs. Host interrupts are not used: a
-/// physical interrupt pending while a guest runs would exit to the hypervisor forever.
+/// Masks every line of the two legacy 8259 PICs. Host interrupts are not used (but the
+/// local APIC's timer and kick IPIs): a physical interrupt pending while a guest runs
+/// would exit to the hypervisor forever.
 fn mask_legacy_pic() {
     // SAFETY: the PIC data ports belong to the hypervisor; masking all lines only stops
     // interrupts nobody handles.

@@ -116,8 +116,9 @@ impl Others<'_> {
 pub struct Domain {
     /// Memory, tables, counters.
     pub core: DomainCore,
-    /// Virtual CPUs (vCPU 0 runs first; secondary vCPUs wait for the guest to start them).
-    pub vcpus: Vec<Box<SvmVcpu>>,
+    /// Virtual CPUs (vCPU 0 runs first; secondary vCPUs wait for the guest to start
+    /// them); `None` while the scheduler runs one on some physical CPU.
+    pub vcpus: Vec<Option<Box<SvmVcpu>>>,
 }
 
 /// Why a domain could not be built. Printed after "domain '<name>': ".
@@ -402,12 +403,12 @@ impl Domain {
         };
         let vcpus = (0..config.vcpus.max(1))
             .map(|i| {
-                Box::new(SvmVcpu::new_pvh(
+                Some(Box::new(SvmVcpu::new_pvh(
                     cpu,
                     u32::from(id) * 256 + i + 1,
                     npt.root(),
                     &entry,
-                ))
+                )))
             })
             .collect();
         log::info!(

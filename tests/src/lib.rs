@@ -294,6 +294,9 @@ pub struct Scenario {
     pub timeout_secs: u64,
     /// Only run by `cargo xtask test --full`.
     pub full_only: bool,
+    /// Physical CPUs of the machine (QEMU `-smp`); `None`: `cargo xtask test
+    /// --host-cpus` (2 unless told otherwise).
+    pub host_cpus: Option<u32>,
 }
 
 impl Scenario {
@@ -359,6 +362,7 @@ fn fatal(
         },
         timeout_secs: DEFAULT_TIMEOUT_SECS,
         full_only: false,
+        host_cpus: None,
     }
 }
 
@@ -392,6 +396,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
         },
         fatal(
             "not-elf",
@@ -455,6 +460,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
         },
         Scenario {
             name: "ramdisk",
@@ -472,6 +478,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
         },
         Scenario {
             name: "host-exception",
@@ -490,6 +497,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
         },
         Scenario {
             name: "linux-boot",
@@ -525,6 +533,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: 600,
             full_only: false,
+            host_cpus: None,
         },
         fatal(
             "truncated-bzimage",
@@ -562,6 +571,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: 600,
             full_only: false,
+            host_cpus: None,
         },
         Scenario {
             name: "grant-peers",
@@ -590,6 +600,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
         },
         Scenario {
             name: "restart",
@@ -620,6 +631,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
         },
         Scenario {
             name: "create-destroy-100",
@@ -647,6 +659,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
         },
         Scenario {
             name: "xenstore",
@@ -670,6 +683,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
         },
         Scenario {
             name: "hostile",
@@ -693,6 +707,7 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
         },
         Scenario {
             name: "preemption",
@@ -719,9 +734,127 @@ pub fn catalogue() -> Vec<Scenario> {
             },
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
+            host_cpus: None,
+        },
+        Scenario {
+            name: "smp-parallel",
+            about: "two test guests that compute without exits run on the two physical CPUs \
+                    at the same time: both CPUs run slices and the hypervisor sees guests on \
+                    both at once",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("worker-a", WORK_CMDLINE),
+                Domain::test_guest("worker-b", WORK_CMDLINE),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "2 physical CPU(s) up".into(),
+                    "scheduling 2 domain(s) on 2 physical CPU(s)".into(),
+                    "testguest: work done".into(),
+                    "testguest: work done".into(),
+                    "physical CPUs that ran guests: 2 of 2".into(),
+                    "guests ran on two or more physical CPUs at once: yes".into(),
+                    "all domain memory returned".into(),
+                    "all domains finished: 2 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "did not answer"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            host_cpus: Some(2),
+        },
+        Scenario {
+            name: "smp-preemption",
+            about: "two guests spin without exits on the two physical CPUs; a third domain \
+                    still gets slices and completes its checks before they finish",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("spinner-a", "test=spin"),
+                Domain::test_guest("spinner-b", "test=spin"),
+                Domain::test_guest("testguest", "test=exits"),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: {
+                    let mut l = vec![Line::from("scheduling 3 domain(s) on 2 physical CPU(s)")];
+                    l.extend(all_checks_pass(3));
+                    l.push("d3 (testguest) shut down: poweroff".into());
+                    l.push("testguest: done spinning".into());
+                    l.push("all domains finished: 3 ok, 0 failed".into());
+                    l
+                },
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            host_cpus: Some(2),
+        },
+        Scenario {
+            name: "maxcpus-1",
+            about: "maxcpus=1 on a two-CPU machine: the second CPU is not started and two \
+                    computing guests share the boot CPU",
+            cpu: CPU,
+            hv_cmdline: "maxcpus=1",
+            domains: vec![
+                Domain::test_guest("worker-a", WORK_CMDLINE),
+                Domain::test_guest("worker-b", WORK_CMDLINE),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "maxcpus=1: not starting the other 1 CPU(s)".into(),
+                    "1 physical CPU(s) up".into(),
+                    "testguest: work done".into(),
+                    "testguest: work done".into(),
+                    "physical CPUs that ran guests: 1 of 1".into(),
+                    "guests ran on two or more physical CPUs at once: no".into(),
+                    "all domains finished: 2 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "cpu1"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            host_cpus: Some(2),
+        },
+        Scenario {
+            name: "one-host-cpu",
+            about: "a one-CPU machine (-smp 1): a spinning guest is preempted so that a \
+                    second domain completes its checks first",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("spinner", "test=spin"),
+                Domain::test_guest("testguest", "test=exits"),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: {
+                    let mut l = vec![
+                        Line::from("1 physical CPU(s) up"),
+                        "(d1) testguest: spinning without exits".into(),
+                    ];
+                    l.extend(all_checks_pass(2));
+                    l.push("d2 (testguest) shut down: poweroff".into());
+                    l.push("(d1) testguest: done spinning".into());
+                    l.push("physical CPUs that ran guests: 1 of 1".into());
+                    l.push("all domains finished: 2 ok, 0 failed".into());
+                    l
+                },
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            host_cpus: Some(1),
         },
     ]
 }
+
+/// The test guests' command line in the SMP scenarios: computation without exits
+/// that takes a few hundred milliseconds of CPU under QEMU TCG.
+pub const WORK_CMDLINE: &str = "test=work count=200";
 
 /// Decides whether a run met `expect`. `status` is QEMU's exit status (`None` when it
 /// had none: killed on timeout or by a signal) and `serial` the captured serial output.

@@ -26,6 +26,10 @@ pub struct TestArgs {
     /// Go on after a failing step (fmt, clippy, unit tests) and report all at the end.
     #[arg(long)]
     pub keep_going: bool,
+    /// Physical CPUs (QEMU -smp) of every scenario that does not name its own.
+    #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_HOST_CPUS,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub host_cpus: u32,
 }
 
 /// Lines of a failing scenario's log printed under its verdict.
@@ -149,7 +153,7 @@ pub fn test(args: TestArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let (passed, failed) = run_scenarios(&scenarios, linux.as_ref())?;
+    let (passed, failed) = run_scenarios(&scenarios, linux.as_ref(), args.host_cpus)?;
     println!();
     println!("{passed} passed, {failed} failed");
     if !failed_steps.is_empty() {
@@ -167,6 +171,7 @@ pub fn test(args: TestArgs) -> Result<ExitCode> {
 fn run_scenarios(
     scenarios: &[Scenario],
     linux: Option<&Result<LinuxGuest, String>>,
+    host_cpus: u32,
 ) -> Result<(usize, usize)> {
     let work = sys::workspace_root().join("target").join("xtask");
     let logs = work.join("logs");
@@ -176,7 +181,8 @@ fn run_scenarios(
 
     let (mut passed, mut failed) = (0, 0);
     for s in scenarios {
-        println!("--- {}: {}", s.name, s.about);
+        let cpus = s.host_cpus.unwrap_or(host_cpus);
+        println!("--- {} ({cpus} host CPU(s)): {}", s.name, s.about);
         let log = logs.join(format!("{}.log", s.name));
         let start = Instant::now();
         let verdict = match linux {
@@ -186,7 +192,7 @@ fn run_scenarios(
                     testguest: &testguest,
                     linux: linux.and_then(|l| l.as_ref().ok()),
                 };
-                run_one(s, &work, &image, guests, &log)
+                run_one(s, cpus, &work, &image, guests, &log)
             }
         };
         let secs = start.elapsed().as_secs_f64();
@@ -208,6 +214,7 @@ fn run_scenarios(
 /// Boots one scenario; `Err` holds the reason it failed.
 fn run_one(
     s: &Scenario,
+    host_cpus: u32,
     work: &Path,
     image: &Path,
     guests: Guests,
@@ -226,6 +233,7 @@ fn run_one(
         cmdline: s.hv_cmdline,
         cpu: s.cpu,
         domain_memory_mib: s.domains.iter().map(|d| d.memory_mib).sum(),
+        host_cpus,
         serial: qemu::Serial::File(log.to_path_buf()),
         extra: &[],
     });
@@ -291,6 +299,7 @@ mod tests {
             full,
             scenario: scenario.iter().map(|s| s.to_string()).collect(),
             keep_going: false,
+            host_cpus: 2,
         }
     }
 

@@ -71,6 +71,12 @@ pub struct RunArgs {
     /// The hypervisor's own command line (QEMU `-append`).
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
+    /// Physical CPUs of the machine the hypervisor runs on (QEMU `-smp`; its
+    /// `maxcpus=N` command-line option uses fewer). Ignored with --bare (which gives
+    /// the guest --vcpus CPUs).
+    #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_HOST_CPUS,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub host_cpus: u32,
     /// Virtualisation backend to boot: only `svm` (QEMU `-cpu max`) exists so far.
     #[arg(long, value_name = "svm", default_value = "svm")]
     pub cpu: String,
@@ -210,6 +216,7 @@ impl LinuxBoot<'_> {
         bundle: &Path,
         hv_cmdline: &str,
         cpu: &str,
+        host_cpus: u32,
     ) -> Command {
         qemu::command(&qemu::Boot {
             image,
@@ -217,6 +224,7 @@ impl LinuxBoot<'_> {
             cmdline: hv_cmdline,
             cpu,
             domain_memory_mib: self.memory_mib,
+            host_cpus,
             serial: self.serial.clone(),
             extra: self.extra,
         })
@@ -334,6 +342,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         cmdline: &args.cmdline,
         cpu,
         domain_memory_mib: domain.memory_mib,
+        host_cpus: args.host_cpus,
         serial: qemu::Serial::Interactive,
         extra: &args.qemu_args,
     });
@@ -408,7 +417,7 @@ fn run_linux(
         let image = image::build_hypervisor(profile)?;
         let bundle_path = work.join("run.cpio");
         write_bundle(&bundle_path, &boot.domain())?;
-        let cmd = boot.hypervisor_command(&image, &bundle_path, &args.cmdline, cpu);
+        let cmd = boot.hypervisor_command(&image, &bundle_path, &args.cmdline, cpu, args.host_cpus);
         (cmd, Source::Hypervisor { domid: 1 })
     };
     match command {
@@ -479,6 +488,7 @@ fn run_user_domains(args: &RunArgs, cpu: &str, profile: Profile, work: &Path) ->
         cmdline: &args.cmdline,
         cpu,
         domain_memory_mib: domains.iter().map(|d| d.memory_mib).sum(),
+        host_cpus: args.host_cpus,
         serial: qemu::Serial::Interactive,
         extra: &args.qemu_args,
     });

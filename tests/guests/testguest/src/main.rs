@@ -3,7 +3,8 @@
 //!
 //! Command line: `test=exits` (default) runs the exit-path checks in the order of
 //! [`Check::ALL`]; `test=triple-fault` triple-faults on purpose; `test=spin` computes for
-//! about a second without exits, then powers off. Any other `test=` value
+//! about a second without exits, then powers off; `test=work count=N` computes N
+//! million steps without exits and reports the TSC cycles they took. Any other `test=` value
 //! is reported and ends the guest with `SHUTDOWN_crash`.
 //!
 //! Boot: [`boot`] (32-bit PVH entry to long mode). Exceptions: [`idt`]. The instructions
@@ -84,6 +85,7 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
         b"exits" => run_exits(),
         b"triple-fault" => run_triple_fault(),
         b"spin" => run_spin(),
+        b"work" => run_work(count_option(cmdline()).unwrap_or(100)),
         b"hostile" => run_hostile(),
         b"reboot-twice" => run_reboot_n(2),
         b"xenstore" => xs::run(),
@@ -391,6 +393,36 @@ fn run_spin() -> ! {
         core::hint::spin_loop();
     }
     console_write("testguest: done spinning\n");
+    shutdown(hc::SHUTDOWN_POWEROFF)
+}
+
+/// The `test=work` guest: a fixed amount of computation without a single exit
+/// (`count=N` million steps of a 64-bit LCG, default 100), then the TSC cycles it
+/// took, and poweroff. Unlike `test=spin` (which waits for the TSC, a wall clock),
+/// it only finishes by getting CPU time: two of them on two physical CPUs each finish
+/// in about the time one alone takes, on one CPU in about twice that.
+fn run_work(millions: i64) -> ! {
+    let steps = millions.max(1) as u64 * 1_000_000;
+    console_write("testguest: working\n");
+    // SAFETY: RDTSC is unprivileged and has no side effects.
+    let start = unsafe { core::arch::x86_64::_rdtsc() };
+    let mut x: u64 = 1;
+    for _ in 0..steps {
+        x = core::hint::black_box(
+            x.wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407),
+        );
+    }
+    // SAFETY: as above.
+    let cycles = unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(start);
+    let mut line = StackBuf::<128>::new();
+    let _ = writeln!(
+        line,
+        "testguest: work done: {millions} M steps in {} M TSC cycles (result {:#x})",
+        cycles / 1_000_000,
+        x >> 48
+    );
+    console_write_bytes(line.as_bytes());
     shutdown(hc::SHUTDOWN_POWEROFF)
 }
 
