@@ -652,6 +652,7 @@ impl DomainCore {
         use crate::xen::RunState;
         if let Some(v) = r.upcall {
             if let Some(s) = self.xen.vcpus.get_mut(v as usize) {
+                s.notified += 1;
                 // HVMOP_set_evtchn_upcall_vector: an edge into the local APIC (the
                 // guest acknowledges it with an EOI), as Xen's vlapic_set_irq.
                 if let Some(vector) = s.upcall_vector {
@@ -698,6 +699,7 @@ impl DomainCore {
             Ipi::Fixed { vector, dest } => {
                 for t in targets(dest) {
                     let s = &mut self.xen.vcpus[t as usize];
+                    s.notified += 1;
                     s.apic.raise(vector);
                     if s.state == crate::xen::RunState::Blocked {
                         s.state = crate::xen::RunState::Runnable;

@@ -86,11 +86,13 @@ struct DomSched {
     dying: Option<DomainEnd>,
 }
 
-/// What a running vCPU had to inject when it entered, to tell whether something new
+/// What a running vCPU had to take when it entered, to tell whether something new
 /// arrived for it since (then its CPU is kicked).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct EntrySig {
-    upcall: bool,
+    /// Its `VcpuState::notified` count.
+    notified: u64,
+    /// The APIC vector it could take (timers raise vectors without notifying).
     apic: Option<u8>,
 }
 
@@ -274,15 +276,19 @@ fn cpu_loop(machine: &spin::mutex::TicketMutex<Machine>, index: usize, host: &Ho
         m.fire_timers();
         m.service_consoles(index == 0);
         m.service_stores();
+        let picked = m.pick(index).map(|(di, vi)| {
+            let serial = m.sched[di].serial;
+            let cpu = m.domains[di].vcpus[vi]
+                .take()
+                .expect("a vCPU picked to run is in its domain");
+            m.sched[di].vcpus[vi].running_on = Some(index);
+            m.cpus[index].running = Some((serial, vi));
+            (serial, vi, cpu)
+        });
+        // after this CPU took its vCPU: idle CPUs are kicked only for what is left
         m.after_changes(index);
-        match m.pick(index) {
-            Some((di, vi)) => {
-                let serial = m.sched[di].serial;
-                let cpu = m.domains[di].vcpus[vi]
-                    .take()
-                    .expect("a vCPU picked to run is in its domain");
-                m.sched[di].vcpus[vi].running_on = Some(index);
-                m.cpus[index].running = Some((serial, vi));
+        match picked {
+            Some((serial, vi, cpu)) => {
                 drop(m);
                 run_slice(machine, index, host, serial, vi, cpu);
             }
@@ -374,7 +380,7 @@ fn run_slice(
             break None;
         }
         cpus[index].sig = EntrySig {
-            upcall: core.pending_upcall(v).is_some(),
+            notified: core.xen.vcpus[vi].notified,
             apic: core.xen.vcpus[vi].apic.deliverable(),
         };
         cpus[index].kicked = false;
@@ -617,13 +623,11 @@ impl Machine {
             let Some(di) = self.sched.iter().position(|s| s.serial == serial) else {
                 continue;
             };
-            let core = &self.domains[di].core;
-            let s = &core.xen.vcpus[vi];
-            let upcall = core.pending_upcall(vi as u32).is_some();
+            let s = &self.domains[di].core.xen.vcpus[vi];
             let apic = s.apic.deliverable();
             let kick = self.sched[di].dying.is_some()
                 || s.state != RunState::Runnable
-                || (upcall && !cs.sig.upcall)
+                || s.notified != cs.sig.notified
                 || (apic.is_some() && apic != cs.sig.apic);
             if kick {
                 self.cpus[c].kicked = true;

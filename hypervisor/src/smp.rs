@@ -48,12 +48,20 @@ impl Cpu {
 }
 
 static CPUS: [Cpu; MAX_CPUS] = [const { Cpu::new() }; MAX_CPUS];
-/// CPUs inside a guest now.
-static IN_GUEST: AtomicU32 = AtomicU32::new(0);
-/// When the count of CPUs in guests last went from one to two.
-static OVERLAP_SINCE: AtomicU64 = AtomicU64::new(0);
-/// Time during which two or more CPUs were inside guests.
-static OVERLAP_NS: AtomicU64 = AtomicU64::new(0);
+
+/// CPUs inside guests now, since when two or more were, and the total time two or
+/// more were: one small lock so that the count and the time move together.
+struct Overlap {
+    in_guest: u32,
+    since: u64,
+    total_ns: u64,
+}
+
+static OVERLAP: spin::Mutex<Overlap> = spin::Mutex::new(Overlap {
+    in_guest: 0,
+    since: 0,
+    total_ns: 0,
+});
 
 /// Records CPU `index` as up with local APIC id `apic_id` (before it schedules).
 pub fn register(index: usize, apic_id: u32) {
@@ -93,20 +101,22 @@ pub fn entering_guest(index: usize, dom: u16) {
     let e = c.epoch.load(Ordering::SeqCst);
     debug_assert!(e.is_multiple_of(2));
     c.epoch.store(e + 1, Ordering::SeqCst);
-    if IN_GUEST.fetch_add(1, Ordering::SeqCst) == 1 {
-        OVERLAP_SINCE.store(crate::time::now_ns(), Ordering::SeqCst);
+    let mut o = OVERLAP.lock();
+    o.in_guest += 1;
+    if o.in_guest == 2 {
+        o.since = crate::time::now_ns();
     }
 }
 
 /// CPU `index` left its guest after `ns` nanoseconds in it (call before taking the lock).
 pub fn left_guest(index: usize, ns: u64) {
     let c = &CPUS[index];
-    if IN_GUEST.fetch_sub(1, Ordering::SeqCst) == 2 {
-        let since = OVERLAP_SINCE.load(Ordering::SeqCst);
-        OVERLAP_NS.fetch_add(
-            crate::time::now_ns().saturating_sub(since),
-            Ordering::SeqCst,
-        );
+    {
+        let mut o = OVERLAP.lock();
+        if o.in_guest == 2 {
+            o.total_ns += crate::time::now_ns().saturating_sub(o.since);
+        }
+        o.in_guest = o.in_guest.saturating_sub(1);
     }
     c.guest_ns.fetch_add(ns, Ordering::Relaxed);
     c.exits.fetch_add(1, Ordering::Relaxed);
@@ -188,5 +198,5 @@ pub fn counters(index: usize) -> CpuCounters {
 
 /// Time during which guests ran on two or more CPUs at once.
 pub fn overlap_ns() -> u64 {
-    OVERLAP_NS.load(Ordering::SeqCst)
+    OVERLAP.lock().total_ns
 }
