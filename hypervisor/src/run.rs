@@ -3,9 +3,13 @@
 //! until all domains have ended; report each end and release everything.
 //!
 //! Every CPU runs [`cpu_loop`]. The shared state (domains, grants, xenstore, consoles,
-//! the run queue) sits in one [`Machine`] behind one ticket lock, the big hypervisor
+//! the run queue) sits in one [`Machine`] behind one spin lock, the big hypervisor
 //! lock: it is held for exit handling and scheduling decisions, never while a guest
-//! runs. A vCPU picked to run is taken out of its domain (its slot is `None`, the
+//! runs. It is a plain test-and-set lock, not a ticket lock: under QEMU TCG on a busy
+//! host a CPU's thread can be descheduled for milliseconds, and a ticket lock then
+//! hands the lock to a waiter that is not running while the others wait behind it
+//! (measured: seconds of lock waiting per Linux boot); a CPU leaves the lock free
+//! while its guest runs, so the other CPUs get it then. A vCPU picked to run is taken out of its domain (its slot is `None`, the
 //! scheduler notes the CPU running it), so the running CPU owns it without aliasing;
 //! it goes back after its slice. What targets a running vCPU from elsewhere (event
 //! upcalls, IPIs between vCPUs of one domain, timers, shutdown) lands in the shared
@@ -54,7 +58,7 @@ pub struct Outcome {
 }
 
 /// The big hypervisor lock and what it protects; published once the domains are built.
-static MACHINE: spin::Once<spin::mutex::TicketMutex<Machine>> = spin::Once::new();
+static MACHINE: spin::Once<spin::Mutex<Machine>> = spin::Once::new();
 /// CPUs that have left [`cpu_loop`] for good.
 static CPUS_DONE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
@@ -222,7 +226,7 @@ pub fn run_bundle(bundle: &'static [u8], host: &HostCpu) -> Result<Outcome, Stri
         m.domains.len(),
         TIME_SLICE_NS / 1_000_000
     );
-    let machine = MACHINE.call_once(|| spin::mutex::TicketMutex::new(m));
+    let machine = MACHINE.call_once(|| spin::Mutex::new(m));
     for i in smp::online().filter(|&i| i != 0) {
         smp::kick(i); // out of their wait for the machine
     }
@@ -265,9 +269,9 @@ pub fn ap_main(index: usize, host: HostCpu) -> ! {
 
 /// The scheduler loop of CPU `index`: timers, consoles, xenstore, then the next
 /// runnable vCPU for a slice, or a halt when there is none.
-fn cpu_loop(machine: &spin::mutex::TicketMutex<Machine>, index: usize, host: &HostCpu) {
+fn cpu_loop(machine: &'static spin::Mutex<Machine>, index: usize, host: &HostCpu) {
     loop {
-        let mut m = machine.lock();
+        let mut m = lock(machine, index);
         m.cpus[index].idle = false;
         if m.done() {
             m.kick_idle(index);
@@ -309,10 +313,24 @@ fn cpu_loop(machine: &spin::mutex::TicketMutex<Machine>, index: usize, host: &Ho
     CPUS_DONE.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
 }
 
+/// Takes the big lock on CPU `index`, counting the time spent waiting for it.
+fn lock(
+    machine: &'static spin::Mutex<Machine>,
+    index: usize,
+) -> spin::MutexGuard<'static, Machine> {
+    if let Some(g) = machine.try_lock() {
+        return g;
+    }
+    let t0 = time::now_ns();
+    let g = machine.lock();
+    smp::count_lock_wait(index, time::now_ns() - t0);
+    g
+}
+
 /// Runs vCPU `vi` of the domain with `serial` on CPU `index` for up to one time slice,
 /// then gives it back (and ends the domain if it ended).
 fn run_slice(
-    machine: &spin::mutex::TicketMutex<Machine>,
+    machine: &'static spin::Mutex<Machine>,
     index: usize,
     host: &HostCpu,
     serial: u64,
@@ -322,7 +340,7 @@ fn run_slice(
     smp::count_slice(index);
     cpu.load_on(host);
     let v = vi as u32;
-    let mut m = machine.lock();
+    let mut m = lock(machine, index);
     let now = time::now_ns();
     let slice_end = {
         let di = m.index_of(serial);
@@ -395,7 +413,7 @@ fn run_slice(
         lapic::disarm();
         smp::left_guest(index, t1 - t0);
 
-        m = machine.lock();
+        m = lock(machine, index);
         let di = m.index_of(serial);
         m.sched[di].vcpus[vi].guest_ns += t1 - t0;
         let Machine {
@@ -466,7 +484,7 @@ fn run_slice(
             let bundle = m.bundle;
             drop(m);
             let built = Domain::build(rebuild.id, rebuild.config.clone(), bundle, host);
-            let mut m = machine.lock();
+            let mut m = lock(machine, index);
             m.building -= 1;
             let name = rebuild.config.name.clone();
             match built {
@@ -571,8 +589,18 @@ impl Machine {
     }
 
     /// How long CPU `index` may sleep: until the earliest timer of a vCPU no CPU runs
-    /// (`None`: something is due now).
-    fn idle_wait(&self, _index: usize) -> Option<u64> {
+    /// (`None`: something is due now). CPU 0 reads the console: while guests run on
+    /// other CPUs it wakes every time slice, so typed input goes in as fast as on one
+    /// CPU.
+    fn idle_wait(&self, index: usize) -> Option<u64> {
+        let wait = self.idle_wait_for_timers()?;
+        if index == 0 && self.cpus.iter().any(|c| c.running.is_some()) {
+            return Some(wait.min(TIME_SLICE_NS));
+        }
+        Some(wait)
+    }
+
+    fn idle_wait_for_timers(&self) -> Option<u64> {
         let now = time::now_ns();
         let next = self
             .domains
@@ -639,24 +667,28 @@ impl Machine {
 
     /// Kicks idle CPUs when the run is over or a vCPU waits for a CPU.
     fn kick_idle(&mut self, me: usize) {
-        let idle: Vec<usize> = smp::online()
-            .filter(|&c| c != me && self.cpus[c].idle)
-            .collect();
-        if idle.is_empty() {
+        if !smp::online().any(|c| c != me && self.cpus[c].idle) {
             return;
         }
-        let waiting = if self.done() {
-            usize::MAX
-        } else {
-            let slots = self.slots();
-            slots
-                .into_iter()
-                .filter(|&(di, vi)| self.can_run(di, vi))
-                .count()
-        };
-        for c in idle.into_iter().take(waiting) {
-            self.cpus[c].idle = false;
-            smp::kick(c);
+        let mut waiting = if self.done() { usize::MAX } else { 0 };
+        if waiting == 0 {
+            for di in 0..self.domains.len() {
+                for vi in 0..self.domains[di].vcpus.len() {
+                    if self.can_run(di, vi) {
+                        waiting += 1;
+                    }
+                }
+            }
+        }
+        for c in smp::online() {
+            if waiting == 0 {
+                break;
+            }
+            if c != me && self.cpus[c].idle {
+                self.cpus[c].idle = false;
+                smp::kick(c);
+                waiting -= 1;
+            }
         }
     }
 
@@ -821,12 +853,13 @@ impl Machine {
                 None => String::new(),
             };
             log::info!(
-                "cpu{i} (apic id {}): {} slices, {} exits, in guests {} ms, idle {} ms of {} ms, {} kicks received{running}",
+                "cpu{i} (apic id {}): {} slices, {} exits, in guests {} ms, idle {} ms, waiting for the lock {} ms, of {} ms; {} kicks received{running}",
                 smp::apic_id(i),
                 c.slices,
                 c.exits,
                 c.guest_ns / 1_000_000,
                 c.idle_ns / 1_000_000,
+                c.lock_wait_ns / 1_000_000,
                 wall / 1_000_000,
                 c.kicks
             );

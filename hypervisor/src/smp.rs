@@ -11,15 +11,14 @@
 //! changes reach vCPUs running elsewhere before a frame is released
 //! ([`sync_domain`]).
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// Most physical CPUs used.
+/// Most physical CPUs used (a bit each in a 32-bit mask).
 pub const MAX_CPUS: usize = 16;
 
 /// One physical CPU.
 struct Cpu {
     apic_id: AtomicU32,
-    online: AtomicBool,
     /// Odd while this CPU runs a guest (or has committed to entering one).
     epoch: AtomicU64,
     /// Domain id of the guest it runs while `epoch` is odd.
@@ -28,6 +27,7 @@ struct Cpu {
     exits: AtomicU64,
     idle_ns: AtomicU64,
     guest_ns: AtomicU64,
+    lock_wait_ns: AtomicU64,
     kicks: AtomicU64,
 }
 
@@ -35,19 +35,21 @@ impl Cpu {
     const fn new() -> Cpu {
         Cpu {
             apic_id: AtomicU32::new(0),
-            online: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             domain: AtomicU32::new(0),
             slices: AtomicU64::new(0),
             exits: AtomicU64::new(0),
             idle_ns: AtomicU64::new(0),
             guest_ns: AtomicU64::new(0),
+            lock_wait_ns: AtomicU64::new(0),
             kicks: AtomicU64::new(0),
         }
     }
 }
 
 static CPUS: [Cpu; MAX_CPUS] = [const { Cpu::new() }; MAX_CPUS];
+/// Bit i: CPU i is up.
+static ONLINE: AtomicU32 = AtomicU32::new(0);
 
 /// CPUs inside guests now, since when two or more were, and the total time two or
 /// more were: one small lock so that the count and the time move together.
@@ -67,25 +69,26 @@ static OVERLAP: spin::Mutex<Overlap> = spin::Mutex::new(Overlap {
 pub fn register(index: usize, apic_id: u32) {
     if let Some(c) = CPUS.get(index) {
         c.apic_id.store(apic_id, Ordering::SeqCst);
-        c.online.store(true, Ordering::SeqCst);
+        ONLINE.fetch_or(1 << index, Ordering::SeqCst);
     }
 }
 
 /// Takes CPU `index` off the list again (it never answered).
 pub fn unregister(index: usize) {
-    if let Some(c) = CPUS.get(index) {
-        c.online.store(false, Ordering::SeqCst);
+    if index < MAX_CPUS {
+        ONLINE.fetch_and(!(1 << index), Ordering::SeqCst);
     }
 }
 
 /// The indexes of the CPUs that are up.
 pub fn online() -> impl Iterator<Item = usize> {
-    (0..MAX_CPUS).filter(|&i| CPUS[i].online.load(Ordering::SeqCst))
+    let mask = ONLINE.load(Ordering::Relaxed);
+    (0..MAX_CPUS).filter(move |&i| mask & (1 << i) != 0)
 }
 
 /// How many CPUs are up.
 pub fn count() -> usize {
-    online().count()
+    ONLINE.load(Ordering::Relaxed).count_ones() as usize
 }
 
 /// The local APIC id of CPU `index`.
@@ -169,6 +172,11 @@ pub fn count_idle(index: usize, ns: u64) {
     CPUS[index].idle_ns.fetch_add(ns, Ordering::Relaxed);
 }
 
+/// Adds time CPU `index` waited for the big lock.
+pub fn count_lock_wait(index: usize, ns: u64) {
+    CPUS[index].lock_wait_ns.fetch_add(ns, Ordering::Relaxed);
+}
+
 /// The counters of one CPU.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuCounters {
@@ -180,6 +188,8 @@ pub struct CpuCounters {
     pub idle_ns: u64,
     /// Time inside guests.
     pub guest_ns: u64,
+    /// Time spent waiting for the big lock.
+    pub lock_wait_ns: u64,
     /// Kick IPIs sent to it.
     pub kicks: u64,
 }
@@ -192,6 +202,7 @@ pub fn counters(index: usize) -> CpuCounters {
         exits: c.exits.load(Ordering::Relaxed),
         idle_ns: c.idle_ns.load(Ordering::Relaxed),
         guest_ns: c.guest_ns.load(Ordering::Relaxed),
+        lock_wait_ns: c.lock_wait_ns.load(Ordering::Relaxed),
         kicks: c.kicks.load(Ordering::Relaxed),
     }
 }
