@@ -27,6 +27,9 @@ macro_rules! fatal {
     }};
 }
 
+/// The APIC id `selftest=absent-cpu` adds to the MADT's list.
+const ABSENT_APIC_ID: u32 = 0x7e;
+
 /// Called by the entry code in long mode with the boot protocol's registers.
 pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     console::init();
@@ -39,6 +42,7 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     };
     let cmdline = bi.cmdline();
     let mut max_cpus = usize::MAX;
+    let mut absent_cpu = false;
     for opt in cmdline.split_ascii_whitespace() {
         if let Some(l) = opt.strip_prefix("loglvl=") {
             console::set_level(l);
@@ -50,6 +54,11 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
                     "maxcpus={n}: not a number of CPUs (1 or more): ignored, every CPU is used"
                 ),
             }
+        }
+        if opt == "selftest=absent-cpu" {
+            // the start-up sequence is also sent to an APIC id no CPU has, to show
+            // what happens when a CPU does not answer
+            absent_cpu = true;
         }
         if opt == "selftest=exception" {
             log::warn!("selftest=exception: executing ud2 in the hypervisor on purpose");
@@ -123,7 +132,11 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         cpu.fpu
     );
 
-    let apic_ids = acpi.map(|a| a.apic_ids).unwrap_or_default();
+    let mut apic_ids = acpi.map(|a| a.apic_ids).unwrap_or_default();
+    if absent_cpu {
+        log::warn!("selftest=absent-cpu: also starting APIC id {ABSENT_APIC_ID}, which no CPU has");
+        apic_ids.push(ABSENT_APIC_ID);
+    }
     let cpus = smp::start_aps(&bi, &apic_ids, max_cpus, features);
     log::info!(
         "{} physical CPU(s) up: {}",

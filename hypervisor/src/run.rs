@@ -270,8 +270,8 @@ pub fn ap_main(index: usize, host: HostCpu) -> ! {
 /// The scheduler loop of CPU `index`: timers, consoles, xenstore, then the next
 /// runnable vCPU for a slice, or a halt when there is none.
 fn cpu_loop(machine: &'static spin::Mutex<Machine>, index: usize, host: &HostCpu) {
+    let mut m = lock(machine, index);
     loop {
-        let mut m = lock(machine, index);
         m.cpus[index].idle = false;
         if m.done() {
             m.kick_idle(index);
@@ -292,10 +292,10 @@ fn cpu_loop(machine: &'static spin::Mutex<Machine>, index: usize, host: &HostCpu
         // after this CPU took its vCPU: idle CPUs are kicked only for what is left
         m.after_changes(index);
         match picked {
-            Some((serial, vi, cpu)) => {
-                drop(m);
-                run_slice(machine, index, host, serial, vi, cpu);
-            }
+            // the lock stays held from the pick to the guest entry, and from the
+            // vCPU's return to the next pick: other CPUs never see a runnable vCPU
+            // between two slices of this CPU
+            Some((serial, vi, cpu)) => m = run_slice(machine, m, index, host, serial, vi, cpu),
             None => {
                 let wait = m.idle_wait(index);
                 m.cpus[index].idle = true;
@@ -307,9 +307,11 @@ fn cpu_loop(machine: &'static spin::Mutex<Machine>, index: usize, host: &HostCpu
                     lapic::disarm();
                     smp::count_idle(index, time::now_ns() - t0);
                 }
+                m = lock(machine, index);
             }
         }
     }
+    drop(m);
     CPUS_DONE.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
 }
 
@@ -328,19 +330,21 @@ fn lock(
 }
 
 /// Runs vCPU `vi` of the domain with `serial` on CPU `index` for up to one time slice,
-/// then gives it back (and ends the domain if it ended).
+/// then gives it back (and ends the domain if it ended). Called and returns with the
+/// big lock held (`m`); lets go of it only while the guest runs (and while a restarted
+/// domain is built).
 fn run_slice(
     machine: &'static spin::Mutex<Machine>,
+    mut m: spin::MutexGuard<'static, Machine>,
     index: usize,
     host: &HostCpu,
     serial: u64,
     vi: usize,
     mut cpu: Box<SvmVcpu>,
-) {
+) -> spin::MutexGuard<'static, Machine> {
     smp::count_slice(index);
     cpu.load_on(host);
     let v = vi as u32;
-    let mut m = lock(machine, index);
     let now = time::now_ns();
     let slice_end = {
         let di = m.index_of(serial);
@@ -468,6 +472,7 @@ fn run_slice(
     m.domains[di].vcpus[vi] = Some(cpu);
     m.sched[di].vcpus[vi].running_on = None;
     m.cpus[index].running = None;
+    let first_end = end.is_some() && m.sched[di].dying.is_none();
     if let Some(end) = end {
         if m.sched[di].dying.is_none() {
             m.sched[di].dying = Some(end);
@@ -476,15 +481,28 @@ fn run_slice(
     let last_out = m.sched[di].vcpus.iter().all(|s| s.running_on.is_none());
     if m.sched[di].dying.is_some() {
         if !last_out {
+            if first_end {
+                let elsewhere: Vec<String> = m.sched[di]
+                    .vcpus
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(v, s)| s.running_on.map(|c| format!("vcpu{v} on cpu{c}")))
+                    .collect();
+                log::info!(
+                    "d{} ended on cpu{index}: destroyed once its vCPUs running elsewhere stop ({})",
+                    m.domains[di].core.id,
+                    elsewhere.join(", ")
+                );
+            }
             m.after_changes(index); // the others see it dying and come back
-            return;
+            return m;
         }
         if let Some(rebuild) = m.end_domain(di) {
             m.building += 1;
             let bundle = m.bundle;
             drop(m);
             let built = Domain::build(rebuild.id, rebuild.config.clone(), bundle, host);
-            let mut m = lock(machine, index);
+            m = lock(machine, index);
             m.building -= 1;
             let name = rebuild.config.name.clone();
             match built {
@@ -504,6 +522,7 @@ fn run_slice(
             m.after_changes(index);
         }
     }
+    m
 }
 
 impl Machine {

@@ -832,6 +832,62 @@ pub fn catalogue() -> Vec<Scenario> {
             host_cpus: Some(2),
         },
         Scenario {
+            name: "smp-shutdown",
+            about: "a two-vCPU guest powers off while its second vCPU computes on the other \
+                    physical CPU: that CPU is kicked out of the guest and the domain is \
+                    destroyed once no vCPU of it runs",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![Domain {
+                vcpus: 2,
+                ..Domain::test_guest("smp", "test=smp-shutdown")
+            }],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "d1: vcpu1 started by SIPI at 0x8000".into(),
+                    "(d1) testguest: vcpu1 is counting".into(),
+                    "destroyed once its vCPUs running elsewhere stop (vcpu1 on cpu".into(),
+                    "d1 (smp) shut down: poweroff".into(),
+                    "all domain memory returned".into(),
+                    "all domains finished: 1 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "never counted"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            host_cpus: Some(2),
+        },
+        Scenario {
+            name: "absent-cpu",
+            about: "a CPU that never answers its start-up IPIs (selftest=absent-cpu adds an \
+                    APIC id nobody has) is reported after its timeout and the hypervisor goes \
+                    on with the CPUs that did",
+            cpu: CPU,
+            hv_cmdline: "selftest=absent-cpu",
+            domains: vec![Domain::test_guest("testguest", "test=exits")],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: {
+                    let mut l = vec![
+                        Line::from("cpu1 up (apic id 1)"),
+                        "the CPU with APIC id 126 did not answer its start-up IPIs within 1000 ms \
+                         (it never reached the trampoline): going on without it"
+                            .into(),
+                        "2 physical CPU(s) up: cpu0 (apic id 0), cpu1 (apic id 1)".into(),
+                        "scheduling 1 domain(s) on 2 physical CPU(s)".into(),
+                    ];
+                    l.extend(all_checks_pass(1));
+                    l.push("all domains finished: 1 ok, 0 failed".into());
+                    l
+                },
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "cpu2"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            host_cpus: Some(2),
+        },
+        Scenario {
             name: "one-host-cpu",
             about: "a one-CPU machine (-smp 1): a spinning guest is preempted so that a \
                     second domain completes its checks first",
