@@ -16,8 +16,8 @@ use hypervisor::arch::{lapic, svm, x86};
 
 use crate::bootinfo::BootInfo;
 
-/// Stack of each secondary CPU.
-const AP_STACK_SIZE: u64 = 64 * 1024;
+/// Stack of each secondary CPU (the boot CPU's is 64 KiB).
+const AP_STACK_SIZE: u64 = 128 * 1024;
 /// How long the boot CPU waits for an AP to report in after its start-up IPIs.
 const AP_TIMEOUT_MS: u64 = 1000;
 
@@ -198,6 +198,15 @@ pub fn start_aps(
     let bsp = lapic::id().unwrap_or(0);
     let mut up = alloc::vec![(0usize, bsp)];
     hypervisor::smp::register(0, bsp);
+    let (bottom, size) = crate::entry::boot_stack();
+    let rsp: u64;
+    // SAFETY: reads the stack pointer.
+    unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack)) };
+    // SAFETY: the boot stack; what lies more than 4 KiB below the current stack
+    // pointer is unused now.
+    unsafe {
+        hypervisor::arch::stack::register(0, bottom, size, (rsp - 4096).saturating_sub(bottom))
+    };
     let others: alloc::vec::Vec<u32> = apic_ids.iter().copied().filter(|&a| a != bsp).collect();
     if others.is_empty() {
         return up;
@@ -264,6 +273,9 @@ pub fn start_aps(
         ANSWERED.store(false, Ordering::SeqCst);
         EXPECTED_APIC.store(apic, Ordering::SeqCst);
         hypervisor::smp::register(index, apic);
+        // SAFETY: the stack's frames were just allocated for this CPU alone; its lowest
+        // bytes hold the canary, and it stays allocated for good.
+        unsafe { hypervisor::arch::stack::register(index, stack, AP_STACK_SIZE, AP_STACK_SIZE) };
         put64(OFF_STACK, stack + AP_STACK_SIZE);
         put64(OFF_ARG, index as u64);
         put32(OFF_CLAIM, 0);

@@ -272,6 +272,9 @@ pub fn ap_main(index: usize, host: HostCpu) -> ! {
 fn cpu_loop(machine: &'static spin::Mutex<Machine>, index: usize, host: &HostCpu) {
     let mut m = lock(machine, index);
     loop {
+        if !crate::arch::stack::intact(index) {
+            panic!("cpu{index} overflowed its stack (the canary at its bottom is overwritten)");
+        }
         m.cpus[index].idle = false;
         if m.done() {
             m.kick_idle(index);
@@ -871,8 +874,11 @@ impl Machine {
                     }),
                 None => String::new(),
             };
+            let stack = crate::arch::stack::depth(i).map_or(String::new(), |(d, s)| {
+                format!("; stack {} of {} KiB used", d.div_ceil(1024), s / 1024)
+            });
             log::info!(
-                "cpu{i} (apic id {}): {} slices, {} exits, in guests {} ms, idle {} ms, waiting for the lock {} ms, of {} ms; {} kicks received{running}",
+                "cpu{i} (apic id {}): {} slices, {} exits, in guests {} ms, idle {} ms, waiting for the lock {} ms, of {} ms; {} kicks received{running}{stack}",
                 smp::apic_id(i),
                 c.slices,
                 c.exits,

@@ -10,5 +10,6 @@ pub mod lapic;
 pub type HostCpu = svm::SvmCpu;
 
 pub mod phys;
+pub mod stack;
 pub mod svm;
 pub mod x86;
