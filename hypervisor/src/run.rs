@@ -667,7 +667,8 @@ impl Machine {
             let Some((serial, vi)) = cs.running else {
                 continue;
             };
-            if cs.kicked {
+            if cs.kicked || !smp::in_guest(c) {
+                // a CPU outside its guest looks at the shared state before entering
                 continue;
             }
             let Some(di) = self.sched.iter().position(|s| s.serial == serial) else {

@@ -126,6 +126,14 @@ pub fn left_guest(index: usize, ns: u64) {
     c.epoch.fetch_add(1, Ordering::SeqCst);
 }
 
+/// Is CPU `index` inside a guest (or committed to entering one)? Read with the big
+/// lock held, the answer stays true until it is kicked out, and a CPU seen outside
+/// cannot enter a guest before it has taken the lock and looked at the shared state.
+pub fn in_guest(index: usize) -> bool {
+    CPUS.get(index)
+        .is_some_and(|c| !c.epoch.load(Ordering::SeqCst).is_multiple_of(2))
+}
+
 /// Sends the kick IPI to CPU `index`: out of its guest, or out of its idle halt.
 pub fn kick(index: usize) {
     let c = &CPUS[index];
