@@ -318,6 +318,28 @@ fn cpu_loop(machine: &'static spin::Mutex<Machine>, index: usize, host: &HostCpu
     CPUS_DONE.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
 }
 
+/// The next slot after `cursor` (of `len`, wrapping) that `can_run` accepts: each slot
+/// gets its turn before any gets a second one.
+fn round_robin(len: usize, cursor: usize, mut can_run: impl FnMut(usize) -> bool) -> Option<usize> {
+    (1..=len).map(|k| (cursor + k) % len).find(|&i| can_run(i))
+}
+
+/// Should the CPU running a vCPU that entered with `entry` be kicked, now that it looks
+/// like `now` (`stop`: it must not go on running: blocked, down, or its domain ended)?
+/// New events or IPIs (the notification count moved) and a different APIC vector to
+/// take need an exit to be injected; the same state does not.
+fn needs_kick(entry: EntrySig, now: EntrySig, stop: bool) -> bool {
+    stop || now.notified != entry.notified || (now.apic.is_some() && now.apic != entry.apic)
+}
+
+/// Must the vCPU flush its TLB before entering on CPU `cpu`? Yes when it last ran on
+/// another CPU (this one may hold stale translations of its ASID from before, and the
+/// other one did the guest's own flushes since) or when its domain's nested page
+/// tables changed since its last flush.
+fn needs_flush(v: &VcpuSched, cpu: usize, tlb_gen: u64) -> bool {
+    v.last_cpu != Some(cpu) || v.tlb_seen != tlb_gen
+}
+
 /// Takes the big lock on CPU `index`, counting the time spent waiting for it.
 fn lock(
     machine: &'static spin::Mutex<Machine>,
@@ -375,7 +397,7 @@ fn run_slice(
         } = &mut *m;
         let (core, ds) = (&mut domains[di].core, &mut sched[di]);
         let vs = &mut ds.vcpus[vi];
-        if vs.last_cpu != Some(index) || vs.tlb_seen != ds.tlb_gen {
+        if needs_flush(vs, index, ds.tlb_gen) {
             // another CPU may hold stale translations of this vCPU's ASID, or this
             // one may hold translations from before a nested-page-table change
             cpu.flush_tlb();
@@ -597,17 +619,12 @@ impl Machine {
     /// (domain, vCPU) pairs.
     fn pick(&mut self, _index: usize) -> Option<(usize, usize)> {
         let slots = self.slots();
-        if slots.is_empty() {
-            return None;
-        }
-        for k in 1..=slots.len() {
-            let (di, vi) = slots[(self.cursor + k) % slots.len()];
-            if self.can_run(di, vi) {
-                self.cursor = (self.cursor + k) % slots.len();
-                return Some((di, vi));
-            }
-        }
-        None
+        let next = round_robin(slots.len(), self.cursor, |i| {
+            let (di, vi) = slots[i];
+            self.can_run(di, vi)
+        })?;
+        self.cursor = next;
+        Some(slots[next])
     }
 
     /// How long CPU `index` may sleep: until the earliest timer of a vCPU no CPU runs
@@ -675,12 +692,12 @@ impl Machine {
                 continue;
             };
             let s = &self.domains[di].core.xen.vcpus[vi];
-            let apic = s.apic.deliverable();
-            let kick = self.sched[di].dying.is_some()
-                || s.state != RunState::Runnable
-                || s.notified != cs.sig.notified
-                || (apic.is_some() && apic != cs.sig.apic);
-            if kick {
+            let now = EntrySig {
+                notified: s.notified,
+                apic: s.apic.deliverable(),
+            };
+            let stop = self.sched[di].dying.is_some() || s.state != RunState::Runnable;
+            if needs_kick(cs.sig, now, stop) {
                 self.cpus[c].kicked = true;
                 smp::kick(c);
             }
@@ -1133,4 +1150,66 @@ fn dump_vcpu(id: u16, v: u32, cpu: &crate::arch::svm::SvmVcpu) {
         cpu.rip(), cpu.reg(reg::RSP), cpu.reg(reg::RAX), cpu.reg(reg::RBX), cpu.reg(reg::RCX), cpu.reg(reg::RDX),
         p.cr0, p.cr3, p.cr4, p.efer, cpu.cr2(), cpu.exit_int_info()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_robin_gives_every_runnable_slot_its_turn() {
+        let runnable = [true, false, true, true];
+        let mut cursor = runnable.len() - 1;
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            cursor = round_robin(runnable.len(), cursor, |i| runnable[i]).unwrap();
+            order.push(cursor);
+        }
+        assert_eq!(order, [0, 2, 3, 0, 2, 3]);
+        assert_eq!(round_robin(3, 0, |_| false), None);
+        assert_eq!(round_robin(0, 0, |_| true), None);
+        // the only runnable slot comes back to the same CPU at once
+        assert_eq!(round_robin(3, 1, |i| i == 1), Some(1));
+    }
+
+    #[test]
+    fn a_running_vcpu_is_kicked_only_for_something_new() {
+        let entry = EntrySig {
+            notified: 5,
+            apic: Some(0xec),
+        };
+        assert!(!needs_kick(entry, entry, false));
+        assert!(needs_kick(entry, entry, true), "it must stop");
+        let event = EntrySig {
+            notified: 6,
+            ..entry
+        };
+        assert!(needs_kick(entry, event, false), "a new event or IPI");
+        let vector = EntrySig {
+            apic: Some(0xef),
+            ..entry
+        };
+        assert!(needs_kick(entry, vector, false), "another vector to take");
+        let taken = EntrySig {
+            apic: None,
+            ..entry
+        };
+        assert!(
+            !needs_kick(entry, taken, false),
+            "the guest took its vector"
+        );
+    }
+
+    #[test]
+    fn a_vcpu_flushes_after_moving_or_after_a_nested_table_change() {
+        let v = VcpuSched {
+            last_cpu: Some(1),
+            tlb_seen: 4,
+            ..VcpuSched::default()
+        };
+        assert!(!needs_flush(&v, 1, 4));
+        assert!(needs_flush(&v, 0, 4), "moved to another CPU");
+        assert!(needs_flush(&v, 1, 5), "nested page tables changed");
+        assert!(needs_flush(&VcpuSched::default(), 0, 0), "first entry");
+    }
 }
