@@ -30,12 +30,15 @@ impl AcpiHandler for IdentityHandler {
 }
 
 /// What discovery found.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct AcpiInfo {
     /// Physical address of the RSDP.
     pub rsdp: u64,
     /// Enabled local APICs in the MADT.
     pub cpus: u32,
+    /// Their APIC ids, in MADT order (the boot CPU's among them; xAPIC ids above 254
+    /// are left out: this hypervisor drives the local APIC in xAPIC mode).
+    pub apic_ids: alloc::vec::Vec<u32>,
     /// Physical address of the DMAR table (VT-d), if any.
     pub dmar: Option<u64>,
     /// Physical address of the SRAT (NUMA), if any.
@@ -72,10 +75,17 @@ pub fn discover(rsdp_hint: Option<u64>) -> Option<AcpiInfo> {
     };
     if let Ok(madt) = tables.find_table::<acpi::madt::Madt>() {
         for e in madt.get().entries() {
-            if let acpi::madt::MadtEntry::LocalApic(l) = e {
-                let flags = l.flags;
-                if flags & 1 != 0 {
-                    info.cpus += 1;
+            let (id, flags) = match e {
+                acpi::madt::MadtEntry::LocalApic(l) => (u32::from(l.apic_id), l.flags),
+                acpi::madt::MadtEntry::LocalX2Apic(l) => (l.x2apic_id, l.flags),
+                _ => continue,
+            };
+            if flags & 1 != 0 {
+                info.cpus += 1;
+                if id < 0xff && !info.apic_ids.contains(&id) {
+                    info.apic_ids.push(id);
+                } else if id >= 0xff {
+                    log::warn!("MADT: CPU with APIC id {id} needs x2APIC mode: left out");
                 }
             }
         }

@@ -160,6 +160,11 @@ static mut BOOT_PML4: Page<4096> = Page([0; 4096]);
 static mut BOOT_PDPT: Page<4096> = Page([0; 4096]);
 static mut BOOT_PDS: Page<{ 4 * 4096 }> = Page([0; 4 * 4096]);
 
+/// The boot CPU's stack: (lowest address, size).
+pub fn boot_stack() -> (u64, u64) {
+    ((&raw const BOOT_STACK) as u64, BOOT_STACK_SIZE as u64)
+}
+
 /// Makes the 2 MiB page of the boot identity map that holds `pa` (below 4 GiB)
 /// uncacheable (PCD|PWT), for device registers such as the local APIC's.
 pub fn mark_uncached(pa: u64) {

@@ -3,7 +3,12 @@
 //! register, and a handler that prints a report and stops the machine cleanly.
 //!
 //! Host interrupts stay disabled; physical interrupts during guest execution come back
-//! as exits, so only exceptions (hypervisor bugs) arrive here.
+//! as exits, so only exceptions (hypervisor bugs) arrive here, plus the APIC timer and
+//! the kick IPI while a CPU idles (their handlers only acknowledge them).
+//!
+//! Every CPU has its own GDT and TSS (a TSS is marked busy by the CPU that loads it)
+//! with its own IST stacks; all share the one IDT, whose gates name IST slots that each
+//! CPU's TSS fills with its own stacks.
 
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
@@ -209,8 +214,19 @@ extern "C" fn exception_handler(f: &Frame) -> ! {
     // SAFETY: reading CR2 has no side effects.
     unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
     let name = NAMES.get(f.vector as usize).copied().unwrap_or("?");
+    // no allocation here: the heap's lock may be held by the code that faulted
+    struct OnCpu(Option<u32>);
+    impl core::fmt::Display for OnCpu {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match self.0 {
+                Some(id) => write!(f, " on the CPU with APIC id {id}"),
+                None => Ok(()),
+            }
+        }
+    }
+    let apic = OnCpu(hypervisor::arch::lapic::id());
     crate::console::force_write_fmt(format_args!(
-        "EXCEPTION: {name} (vector {}) in the hypervisor, error code {:#x}\n\
+        "EXCEPTION: {name} (vector {}) in the hypervisor, error code {:#x}{apic}\n\
          EXCEPTION: rip {:#018x} cs {:#x} rflags {:#x} rsp {:#018x} cr2 {:#018x}\n\
          EXCEPTION: rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}\n\
          EXCEPTION: r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}\n",
@@ -232,25 +248,35 @@ static GDT: spin::Once<(GlobalDescriptorTable, [SegmentSelector; 3])> = spin::On
 static IDT: spin::Once<[[u64; 2]; 256]> = spin::Once::new();
 static mut IRQ_STACK: Stack = Stack([0; IST_SIZE]);
 
+/// A TSS whose three IST slots (exceptions, double fault/NMI/machine check,
+/// interrupts) point at the tops of `stacks`.
+fn tss_with(stacks: [u64; 3]) -> TaskStateSegment {
+    let mut tss = TaskStateSegment::new();
+    for (i, base) in stacks.into_iter().enumerate() {
+        tss.interrupt_stack_table[i] = VirtAddr::new(base + IST_SIZE as u64);
+    }
+    tss
+}
+
+/// A GDT with the flat 64-bit code and data segments and `tss`.
+fn gdt_with(tss: &'static TaskStateSegment) -> (GlobalDescriptorTable, [SegmentSelector; 3]) {
+    let mut gdt = GlobalDescriptorTable::new();
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
+    let tss_sel = gdt.append(Descriptor::tss_segment(tss));
+    (gdt, [code, data, tss_sel])
+}
+
 /// Loads the GDT (code, data, TSS) and the IDT. Call once, on the boot CPU.
 pub fn init() {
     let tss = TSS.call_once(|| {
-        let mut tss = TaskStateSegment::new();
-        tss.interrupt_stack_table[0] =
-            VirtAddr::new(((&raw const EXC_STACK) as u64) + IST_SIZE as u64);
-        tss.interrupt_stack_table[1] =
-            VirtAddr::new(((&raw const DF_STACK) as u64) + IST_SIZE as u64);
-        tss.interrupt_stack_table[2] =
-            VirtAddr::new(((&raw const IRQ_STACK) as u64) + IST_SIZE as u64);
-        tss
+        tss_with([
+            (&raw const EXC_STACK) as u64,
+            (&raw const DF_STACK) as u64,
+            (&raw const IRQ_STACK) as u64,
+        ])
     });
-    let (gdt, [code, data, tss_sel]) = GDT.call_once(|| {
-        let mut gdt = GlobalDescriptorTable::new();
-        let code = gdt.append(Descriptor::kernel_code_segment());
-        let data = gdt.append(Descriptor::kernel_data_segment());
-        let tss_sel = gdt.append(Descriptor::tss_segment(tss));
-        (gdt, [code, data, tss_sel])
-    });
+    let (gdt, [code, data, tss_sel]) = GDT.call_once(|| gdt_with(tss));
     let idt = IDT.call_once(|| {
         let gate = |addr: u64, ist: u64| {
             [
@@ -270,10 +296,39 @@ pub fn init() {
         }
         let timer = hypervisor::arch::lapic::TIMER_VECTOR as usize;
         idt[timer] = gate(ferrovisor_irq_timer as *const () as u64, 3);
+        // the kick IPI needs nothing but its acknowledgement, as the timer
+        let kick = hypervisor::arch::lapic::KICK_VECTOR as usize;
+        idt[kick] = gate(ferrovisor_irq_timer as *const () as u64, 3);
         let spurious = hypervisor::arch::lapic::SPURIOUS_VECTOR as usize;
         idt[spurious] = gate(ferrovisor_irq_spurious as *const () as u64, 3);
         idt
     });
+    load(gdt, [*code, *data, *tss_sel], idt);
+}
+
+/// Gives a secondary CPU its own GDT and TSS, with IST stacks from the heap, and
+/// loads the shared IDT. Call once on each secondary CPU, after [`init`] ran.
+pub fn init_ap() {
+    let stacks = [(); 3].map(|()| {
+        let s: &'static mut Stack =
+            alloc::boxed::Box::leak(alloc::boxed::Box::new(Stack([0; IST_SIZE])));
+        s as *mut Stack as u64
+    });
+    let tss: &'static TaskStateSegment =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(tss_with(stacks)));
+    let (gdt, sels) = gdt_with(tss);
+    let gdt: &'static GlobalDescriptorTable = alloc::boxed::Box::leak(alloc::boxed::Box::new(gdt));
+    let idt = IDT
+        .get()
+        .expect("the boot CPU builds the IDT before starting others");
+    load(gdt, sels, idt);
+}
+
+fn load(
+    gdt: &'static GlobalDescriptorTable,
+    [code, data, tss_sel]: [SegmentSelector; 3],
+    idt: &'static [[u64; 2]; 256],
+) {
     let ptr = x86_64::structures::DescriptorTablePointer {
         limit: (core::mem::size_of::<[[u64; 2]; 256]>() - 1) as u16,
         base: VirtAddr::new(idt.as_ptr() as u64),
@@ -283,11 +338,11 @@ pub fn init() {
     // 64-bit code/data segments and a TSS that lives forever; the IDT entries point at
     // the stubs above with valid IST indexes.
     unsafe {
-        CS::set_reg(*code);
-        DS::set_reg(*data);
-        ES::set_reg(*data);
-        SS::set_reg(*data);
-        load_tss(*tss_sel);
+        CS::set_reg(code);
+        DS::set_reg(data);
+        ES::set_reg(data);
+        SS::set_reg(data);
+        load_tss(tss_sel);
         x86_64::instructions::tables::lidt(&ptr);
     }
 }

@@ -13,6 +13,7 @@ mod idt;
 mod memory;
 mod platform;
 mod rt;
+mod smp;
 mod time;
 
 use hypervisor::arch::cpu::HostCpu;
@@ -28,6 +29,9 @@ macro_rules! fatal {
     }};
 }
 
+/// The APIC id `selftest=absent-cpu` adds to the MADT's list.
+const ABSENT_APIC_ID: u32 = 0x7e;
+
 /// Called by the entry code in long mode with the boot protocol's registers.
 pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     console::init();
@@ -39,9 +43,24 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         Err(e) => fatal!("no boot information I understand ({e}): boot the image with QEMU -kernel (PVH) or GRUB multiboot2"),
     };
     let cmdline = bi.cmdline();
+    let mut max_cpus = usize::MAX;
+    let mut absent_cpu = false;
     for opt in cmdline.split_ascii_whitespace() {
         if let Some(l) = opt.strip_prefix("loglvl=") {
             console::set_level(l);
+        }
+        if let Some(n) = opt.strip_prefix("maxcpus=") {
+            match n.parse::<usize>() {
+                Ok(n) if n >= 1 => max_cpus = n,
+                _ => log::warn!(
+                    "maxcpus={n}: not a number of CPUs (1 or more): ignored, every CPU is used"
+                ),
+            }
+        }
+        if opt == "selftest=absent-cpu" {
+            // the start-up sequence is also sent to an APIC id no CPU has, to show
+            // what happens when a CPU does not answer
+            absent_cpu = true;
         }
         if opt == "selftest=exception" {
             log::warn!("selftest=exception: executing ud2 in the hypervisor on purpose");
@@ -66,14 +85,15 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         memory::HEAP_SIZE >> 20
     );
     let acpi = acpi_info::discover(bi.rsdp);
-    if let Some(port) = acpi.and_then(|a| a.emulator_pm1a_cnt) {
+    if let Some(port) = acpi.as_ref().and_then(|a| a.emulator_pm1a_cnt) {
         platform::set_poweroff_port(port);
     }
-    match acpi {
+    match &acpi {
         Some(a) => log::info!(
-            "ACPI: RSDP at {:#x}, {} CPU(s) in the MADT; DMAR {}; SRAT {}; MCFG {}",
+            "ACPI: RSDP at {:#x}, {} CPU(s) in the MADT (APIC ids {:?}); DMAR {}; SRAT {}; MCFG {}",
             a.rsdp,
             a.cpus,
+            a.apic_ids,
             a.dmar
                 .map_or("absent".into(), |x| alloc::format!("at {x:#x}")),
             a.srat
@@ -86,7 +106,7 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
 
     // PCI devices and VT-d units: every device's DMA is blocked from here on until a
     // domain that owns it is built.
-    hypervisor::devices::init(acpi.and_then(|a| a.dmar), entry::mark_uncached);
+    hypervisor::devices::init(acpi.as_ref().and_then(|a| a.dmar), entry::mark_uncached);
 
     mask_legacy_pic();
     hypervisor::time::init(time::tsc_per_ms());
@@ -96,14 +116,29 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
     let apic_khz = unsafe { hypervisor::arch::lapic::init(time::tsc_per_ms()) };
     log::info!("local APIC timer: {apic_khz} kHz");
 
-    let cpu = enable_virtualisation();
+    let (cpu, virt) = enable_virtualisation();
+
+    let mut apic_ids = acpi.map(|a| a.apic_ids).unwrap_or_default();
+    if absent_cpu {
+        log::warn!("selftest=absent-cpu: also starting APIC id {ABSENT_APIC_ID}, which no CPU has");
+        apic_ids.push(ABSENT_APIC_ID);
+    }
+    let cpus = smp::start_aps(&bi, &apic_ids, max_cpus, virt);
+    log::info!(
+        "{} physical CPU(s) up: {}",
+        cpus.len(),
+        cpus.iter()
+            .map(|(i, apic)| alloc::format!("cpu{i} (apic id {apic})"))
+            .collect::<alloc::vec::Vec<_>>()
+            .join(", ")
+    );
 
     let Some(m) = bi.modules().first() else {
         fatal!("no boot module: pass the domain bundle as the first module (QEMU -initrd, GRUB module2); `cargo xtask run` does this")
     };
-    // SAFETY: the module lies in RAM the frame allocator keeps reserved; nothing writes
-    // it while domains are built from it.
-    let bundle = unsafe { hypervisor::arch::phys::slice(m.start, m.len) };
+    // SAFETY: the module lies in RAM the frame allocator keeps reserved for the whole
+    // run; nothing writes it while domains are built from it.
+    let bundle: &'static [u8] = unsafe { hypervisor::arch::phys::slice(m.start, m.len) };
     match hypervisor::run::run_bundle(bundle, &cpu) {
         Ok(o) => {
             log::info!("all domains finished: {} ok, {} failed", o.ok, o.failed);
@@ -120,7 +155,7 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
 /// Turns on the CPU's virtualisation extension, chosen by the CPUID vendor: Intel VMX
 /// with EPT, else AMD SVM with nested paging. Stops with a FATAL line naming the cause
 /// and the fix when it cannot be used.
-fn enable_virtualisation() -> HostCpu {
+fn enable_virtualisation() -> (HostCpu, smp::Virt) {
     let vendor = hypervisor::arch::x86::cpuid(0, 0);
     let intel = vendor[1] == 0x756e_6547 && vendor[3] == 0x4965_6e69 && vendor[2] == 0x6c65_746e;
     if intel {
@@ -140,7 +175,7 @@ fn enable_virtualisation() -> HostCpu {
             if features.vpid { "on" } else { "off" },
             cpu.fpu
         );
-        return HostCpu::Vmx(cpu);
+        return (HostCpu::Vmx(cpu), smp::Virt::Vmx(features));
     }
     let features = match svm::detect() {
         Ok(f) => f,
@@ -160,11 +195,12 @@ fn enable_virtualisation() -> HostCpu {
         },
         cpu.fpu
     );
-    HostCpu::Svm(cpu)
+    (HostCpu::Svm(cpu), smp::Virt::Svm(features))
 }
 
-/// Masks every line of the two legacy 8259 PICs. Host interrupts are not used: a
-/// physical interrupt pending while a guest runs would exit to the hypervisor forever.
+/// Masks every line of the two legacy 8259 PICs. Host interrupts are not used (but the
+/// local APIC's timer and kick IPIs): a physical interrupt pending while a guest runs
+/// would exit to the hypervisor forever.
 fn mask_legacy_pic() {
     // SAFETY: the PIC data ports belong to the hypervisor; masking all lines only stops
     // interrupts nobody handles.

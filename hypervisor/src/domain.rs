@@ -119,8 +119,9 @@ impl Others<'_> {
 pub struct Domain {
     /// Memory, tables, counters.
     pub core: DomainCore,
-    /// Virtual CPUs (vCPU 0 runs first; secondary vCPUs wait for the guest to start them).
-    pub vcpus: Vec<Box<Vcpu>>,
+    /// Virtual CPUs (vCPU 0 runs first; secondary vCPUs wait for the guest to start
+    /// them); `None` while the scheduler runs one on some physical CPU.
+    pub vcpus: Vec<Option<Box<Vcpu>>>,
 }
 
 /// Why a domain could not be built. Printed after "domain '<name>': ".
@@ -522,12 +523,12 @@ impl Domain {
         }
         let vcpus = (0..config.vcpus.max(1))
             .map(|i| {
-                Box::new(Vcpu::new_pvh(
+                Some(Box::new(Vcpu::new_pvh(
                     cpu,
                     u32::from(id) * 256 + i + 1,
                     &npt,
                     &entry,
-                ))
+                )))
             })
             .collect();
         log::info!(
@@ -775,6 +776,7 @@ impl DomainCore {
         use crate::xen::RunState;
         if let Some(v) = r.upcall {
             if let Some(s) = self.xen.vcpus.get_mut(v as usize) {
+                s.notified += 1;
                 // HVMOP_set_evtchn_upcall_vector: an edge into the local APIC (the
                 // guest acknowledges it with an EOI), as Xen's vlapic_set_irq.
                 if let Some(vector) = s.upcall_vector {
@@ -821,6 +823,7 @@ impl DomainCore {
             Ipi::Fixed { vector, dest } => {
                 for t in targets(dest) {
                     let s = &mut self.xen.vcpus[t as usize];
+                    s.notified += 1;
                     s.apic.raise(vector);
                     if s.state == crate::xen::RunState::Blocked {
                         s.state = crate::xen::RunState::Runnable;

@@ -189,10 +189,13 @@ impl MapHost for Host<'_, '_> {
         // Devices first: IOTLB invalidations for the unmapped grants, completed (wait
         // descriptor) before this returns and so before the engine releases them.
         crate::devices::flush(dom);
-        // One physical CPU: no vCPU of `dom` runs before its next VM entry, which
-        // flushes the whole TLB (TLB_CONTROL = 1) when this flag is set.
+        // The flag makes every vCPU of `dom` flush at its next entry, on whichever
+        // physical CPU (the scheduler turns it into a TLB generation); vCPUs inside
+        // the guest on other CPUs right now are kicked out and waited for, so nothing
+        // uses the old translation once this returns.
         if let Some(d) = self.dom(dom) {
             d.tlb_flush_needed = true;
+            crate::smp::sync_domain(dom);
         }
     }
 

@@ -33,6 +33,7 @@ pub mod hypercall;
 #[allow(unsafe_code)] // owns guest frames; copies go through `arch::phys`
 pub mod memory;
 pub mod run;
+pub mod smp;
 pub mod testiface;
 pub mod time;
 pub mod vcpu;

@@ -138,6 +138,9 @@ pub struct VcpuState {
     pub apic_injected: Option<u8>,
     /// Emulated MTRRs (MTRRdefType, fixed and variable ranges) as the guest wrote them.
     pub mtrr: alloc::collections::BTreeMap<u32, u64>,
+    /// Event upcalls and IPIs raised for this vCPU so far: when it moves while the vCPU
+    /// runs on another physical CPU, the scheduler kicks that CPU.
+    pub notified: u64,
 }
 
 impl VcpuState {
@@ -169,6 +172,7 @@ impl VcpuState {
             wait_for_sipi: id != 0,
             apic_injected: None,
             mtrr: alloc::collections::BTreeMap::new(),
+            notified: 0,
         }
     }
 

@@ -214,13 +214,17 @@ pub enum Line {
     /// A line that is exactly this text once a guest console prefix `(d<domid>) ` and
     /// trailing whitespace are taken off (see [`console_text`]).
     Exact(String),
+    /// A line containing this text anywhere in the output, in no particular order with
+    /// the other expected lines: for what domains running at the same time on several
+    /// physical CPUs print in an order nobody decides.
+    Anywhere(String),
 }
 
 impl Line {
     /// Whether the serial line `line` is this one.
     pub fn matches(&self, line: &str) -> bool {
         match self {
-            Line::Contains(text) => line.contains(text.as_str()),
+            Line::Contains(text) | Line::Anywhere(text) => line.contains(text.as_str()),
             Line::Exact(text) => console_text(line).1.trim_end() == text,
         }
     }
@@ -230,6 +234,7 @@ impl Line {
         match self {
             Line::Contains(text) => format!("\"{text}\""),
             Line::Exact(text) => format!("exactly \"{text}\""),
+            Line::Anywhere(text) => format!("\"{text}\" (anywhere)"),
         }
     }
 
@@ -237,6 +242,7 @@ impl Line {
         match self {
             Line::Contains(t) => Line::Contains(f(t)),
             Line::Exact(t) => Line::Exact(f(t)),
+            Line::Anywhere(t) => Line::Anywhere(f(t)),
         }
     }
 }
@@ -259,7 +265,7 @@ pub struct Expect {
     /// QEMU's exit status.
     pub status: i32,
     /// Each must match some serial line, in this order (each on a later line than the
-    /// previous one).
+    /// previous one); a [`Line::Anywhere`] may match any line and leaves the order alone.
     pub lines: Vec<Line>,
     /// None of these may appear anywhere in the serial output.
     pub forbidden: Vec<String>,
@@ -301,6 +307,9 @@ pub struct Scenario {
     /// QEMU gets an Intel IOMMU and an e1000e NIC at [`NIC_BDF`] whose frames come back
     /// to it (`-netdev dgram` to its own loopback port).
     pub nic: Option<NicSetup>,
+    /// Physical CPUs of the machine (QEMU `-smp`); `None`: `cargo xtask test
+    /// --host-cpus` (2 unless told otherwise).
+    pub host_cpus: Option<u32>,
 }
 
 /// Where the e1000e NIC of a [`NicSetup`] scenario sits (QEMU `addr=0x3` on q35's root bus).
@@ -421,6 +430,7 @@ fn iommu_dma(name: &'static str, iommu_options: &'static str) -> Scenario {
         },
         timeout_secs: DEFAULT_TIMEOUT_SECS,
         full_only: false,
+        host_cpus: None,
         nic: Some(NicSetup { iommu_options }),
     }
 }
@@ -461,6 +471,7 @@ fn fatal(
         timeout_secs: DEFAULT_TIMEOUT_SECS,
         full_only: false,
         nic: None,
+        host_cpus: None,
     }
 }
 
@@ -475,7 +486,8 @@ pub fn catalogue() -> Vec<Scenario> {
     ramdisk_lines.push("d1 check ramdisk: PASS".into());
     ramdisk_lines.push("all domains finished: 1 ok, 0 failed".into());
 
-    let mut triple_lines = vec![Line::from("d1 (crasher) crashed: triple fault")];
+    // the crasher and the second domain start at the same time on two physical CPUs
+    let mut triple_lines = vec![Line::Anywhere("d1 (crasher) crashed: triple fault".into())];
     triple_lines.extend(all_checks_pass(2));
     triple_lines.push("d2 (testguest) shut down: poweroff".into());
     triple_lines.push("all domains finished: 1 ok, 1 failed".into());
@@ -495,6 +507,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         fatal(
             "not-elf",
@@ -566,6 +579,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         Scenario {
             name: "ramdisk",
@@ -584,6 +598,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         Scenario {
             name: "host-exception",
@@ -603,6 +618,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         Scenario {
             name: "linux-boot",
@@ -645,6 +661,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: 600,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         fatal(
             "truncated-bzimage",
@@ -683,6 +700,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: 600,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         Scenario {
             name: "grant-peers",
@@ -702,8 +720,9 @@ pub fn catalogue() -> Vec<Scenario> {
                     "(d2) testguest: peer-b: peer's pattern read through the mapping: ok".into(),
                     "(d1) testguest: peer-a: peer's pattern in the shared page: ok".into(),
                     "(d2) testguest: peer-b: second map after the peer ended access fails: ok (-1)".into(),
-                    "d2 check peer-b: PASS".into(),
-                    "d1 check peer-a: PASS".into(),
+                    // the two report at the same time on two physical CPUs
+                    Line::Anywhere("d2 check peer-b: PASS".into()),
+                    Line::Anywhere("d1 check peer-a: PASS".into()),
                     "all domain memory returned".into(),
                     "all domains finished: 2 ok, 0 failed".into(),
                 ],
@@ -712,6 +731,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         iommu_dma("iommu-dma", ""),
         iommu_dma("iommu-dma-cm", ",caching-mode=on"),
@@ -745,6 +765,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         Scenario {
             name: "linux-pair",
@@ -777,6 +798,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: 400,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         Scenario {
             name: "create-destroy-100",
@@ -805,6 +827,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         Scenario {
             name: "xenstore",
@@ -829,6 +852,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         Scenario {
             name: "hostile",
@@ -853,6 +877,7 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
         },
         Scenario {
             name: "preemption",
@@ -867,7 +892,11 @@ pub fn catalogue() -> Vec<Scenario> {
             expect: Expect {
                 status: STATUS_OK,
                 lines: {
-                    let mut l = vec![Line::from("(d1) testguest: spinning without exits")];
+                    // with two physical CPUs both start at once (`one-host-cpu` is
+                    // this scenario on one CPU)
+                    let mut l = vec![Line::Anywhere(
+                        "(d1) testguest: spinning without exits".into(),
+                    )];
                     l.extend(all_checks_pass(2));
                     l.push("d2 (testguest) shut down: poweroff".into());
                     l.push("(d1) testguest: done spinning".into());
@@ -880,6 +909,182 @@ pub fn catalogue() -> Vec<Scenario> {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: None,
+        },
+        Scenario {
+            name: "smp-parallel",
+            about: "two test guests that compute without exits run on the two physical CPUs \
+                    at the same time: both CPUs run slices and the hypervisor sees guests on \
+                    both at once",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("worker-a", WORK_CMDLINE),
+                Domain::test_guest("worker-b", WORK_CMDLINE),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "2 physical CPU(s) up".into(),
+                    "scheduling 2 domain(s) on 2 physical CPU(s)".into(),
+                    "testguest: work done".into(),
+                    "testguest: work done".into(),
+                    "physical CPUs that ran guests: 2 of 2".into(),
+                    "guests ran on two or more physical CPUs at once: yes".into(),
+                    "all domain memory returned".into(),
+                    "all domains finished: 2 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "did not answer"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            nic: None,
+            host_cpus: Some(2),
+        },
+        Scenario {
+            name: "smp-preemption",
+            about: "two guests spin without exits on the two physical CPUs; a third domain \
+                    still gets slices and completes its checks before they finish",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("spinner-a", "test=spin"),
+                Domain::test_guest("spinner-b", "test=spin"),
+                Domain::test_guest("testguest", "test=exits"),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: {
+                    let mut l = vec![Line::from("scheduling 3 domain(s) on 2 physical CPU(s)")];
+                    l.extend(all_checks_pass(3));
+                    l.push("d3 (testguest) shut down: poweroff".into());
+                    l.push("testguest: done spinning".into());
+                    l.push("all domains finished: 3 ok, 0 failed".into());
+                    l
+                },
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            nic: None,
+            host_cpus: Some(2),
+        },
+        Scenario {
+            name: "maxcpus-1",
+            about: "maxcpus=1 on a two-CPU machine: the second CPU is not started and two \
+                    computing guests share the boot CPU",
+            cpu: CPU,
+            hv_cmdline: "maxcpus=1",
+            domains: vec![
+                Domain::test_guest("worker-a", WORK_CMDLINE),
+                Domain::test_guest("worker-b", WORK_CMDLINE),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "maxcpus=1: not starting the other 1 CPU(s)".into(),
+                    "1 physical CPU(s) up".into(),
+                    "testguest: work done".into(),
+                    "testguest: work done".into(),
+                    "physical CPUs that ran guests: 1 of 1".into(),
+                    "guests ran on two or more physical CPUs at once: no".into(),
+                    "all domains finished: 2 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "cpu1"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            nic: None,
+            host_cpus: Some(2),
+        },
+        Scenario {
+            name: "smp-shutdown",
+            about: "a two-vCPU guest powers off while its second vCPU computes on the other \
+                    physical CPU: that CPU is kicked out of the guest and the domain is \
+                    destroyed once no vCPU of it runs",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![Domain {
+                vcpus: 2,
+                ..Domain::test_guest("smp", "test=smp-shutdown")
+            }],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: vec![
+                    "d1: vcpu1 started by SIPI at 0x8000".into(),
+                    "(d1) testguest: vcpu1 is counting".into(),
+                    "destroyed once its vCPUs running elsewhere stop (vcpu1 on cpu".into(),
+                    "d1 (smp) shut down: poweroff".into(),
+                    "all domain memory returned".into(),
+                    "all domains finished: 1 ok, 0 failed".into(),
+                ],
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "never counted"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            nic: None,
+            host_cpus: Some(2),
+        },
+        Scenario {
+            name: "absent-cpu",
+            about: "a CPU that never answers its start-up IPIs (selftest=absent-cpu adds an \
+                    APIC id nobody has) is reported after its timeout and the hypervisor goes \
+                    on with the CPUs that did",
+            cpu: CPU,
+            hv_cmdline: "selftest=absent-cpu",
+            domains: vec![Domain::test_guest("testguest", "test=exits")],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: {
+                    let mut l = vec![
+                        Line::from("cpu1 up (apic id 1)"),
+                        "the CPU with APIC id 126 did not answer its start-up IPIs within 1000 ms \
+                         (it never reached the trampoline): going on without it"
+                            .into(),
+                        "2 physical CPU(s) up: cpu0 (apic id 0), cpu1 (apic id 1)".into(),
+                        "scheduling 1 domain(s) on 2 physical CPU(s)".into(),
+                    ];
+                    l.extend(all_checks_pass(1));
+                    l.push("all domains finished: 1 ok, 0 failed".into());
+                    l
+                },
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL", "cpu2"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            nic: None,
+            host_cpus: Some(2),
+        },
+        Scenario {
+            name: "one-host-cpu",
+            about: "a one-CPU machine (-smp 1): a spinning guest is preempted so that a \
+                    second domain completes its checks first",
+            cpu: CPU,
+            hv_cmdline: "",
+            domains: vec![
+                Domain::test_guest("spinner", "test=spin"),
+                Domain::test_guest("testguest", "test=exits"),
+            ],
+            expect: Expect {
+                status: STATUS_OK,
+                lines: {
+                    let mut l = vec![
+                        Line::from("1 physical CPU(s) up"),
+                        "(d1) testguest: spinning without exits".into(),
+                    ];
+                    l.extend(all_checks_pass(2));
+                    l.push("d2 (testguest) shut down: poweroff".into());
+                    l.push("(d1) testguest: done spinning".into());
+                    l.push("physical CPUs that ran guests: 1 of 1".into());
+                    l.push("all domains finished: 2 ok, 0 failed".into());
+                    l
+                },
+                forbidden: strings(&["FAIL", "PANIC", "EXCEPTION", "FATAL"]),
+            },
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+            full_only: false,
+            nic: None,
+            host_cpus: Some(1),
         },
     ]
 }
@@ -917,6 +1122,8 @@ pub fn vmx_catalogue() -> Vec<Scenario> {
             cpu: BOCHS_CPU,
             timeout_secs,
             full_only: !default,
+            nic: None,
+            host_cpus: None,
             ..s
         });
     }
@@ -944,6 +1151,7 @@ pub fn vmx_catalogue() -> Vec<Scenario> {
             timeout_secs: BOCHS_LINUX_TIMEOUT_SECS,
             full_only: false,
             nic: None,
+            host_cpus: Some(1),
         },
     );
     out.push(Scenario {
@@ -961,6 +1169,10 @@ pub fn vmx_catalogue() -> Vec<Scenario> {
     }
     out
 }
+
+/// The test guests' command line in the SMP scenarios: computation without exits
+/// that takes a few hundred milliseconds of CPU under QEMU TCG.
+pub const WORK_CMDLINE: &str = "test=work count=200";
 
 /// Decides whether a run met `expect`. `status` is QEMU's exit status (`None` when it
 /// had none: killed on timeout or by a signal) and `serial` the captured serial output.
@@ -989,6 +1201,13 @@ pub fn judge(expect: &Expect, status: Option<i32>, serial: &str) -> Result<(), S
     let lines: Vec<&str> = serial.lines().collect();
     let mut next = 0;
     for wanted in &expect.lines {
+        if let Line::Anywhere(_) = wanted {
+            if !lines.iter().any(|l| wanted.matches(l)) {
+                problems.push(format!("missing line {}", wanted.describe()));
+                break;
+            }
+            continue;
+        }
         match lines[next..].iter().position(|l| wanted.matches(l)) {
             Some(i) => next += i + 1,
             None => {
@@ -1045,6 +1264,26 @@ mod tests {
         let e = expect(1, &["check a: PASS", "check b: PASS"], &["FAIL"]);
         let serial = "boot\nd1 check a: PASS (x)\n(d1) hello\nd1 check b: PASS\n";
         assert_eq!(judge(&e, Some(1), serial), Ok(()));
+    }
+
+    #[test]
+    fn anywhere_lines_match_in_any_order_and_leave_the_order_alone() {
+        let e = Expect {
+            status: 1,
+            lines: vec![
+                "b".into(),
+                Line::Anywhere("a".into()),
+                "c".into(),
+                Line::Anywhere("z".into()),
+            ],
+            forbidden: vec![],
+        };
+        let err = judge(&e, Some(1), "a\nb\nc\n").unwrap_err();
+        assert!(err.contains("missing line \"z\" (anywhere)"), "{err}");
+        assert_eq!(judge(&e, Some(1), "a\nb\nc\nz\n"), Ok(()));
+        assert_eq!(judge(&e, Some(1), "z\nb\nc\na\n"), Ok(()));
+        // the ordered lines keep their order
+        assert!(judge(&e, Some(1), "a\nc\nb\nz\n").is_err());
     }
 
     #[test]
@@ -1156,7 +1395,7 @@ mod tests {
             .lines
             .iter()
             .map(|l| match l {
-                Line::Contains(t) | Line::Exact(t) => t.as_str(),
+                Line::Contains(t) | Line::Exact(t) | Line::Anywhere(t) => t.as_str(),
             })
             .collect::<Vec<_>>()
             .join("\n");

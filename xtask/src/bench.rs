@@ -34,7 +34,13 @@ pub const JSON_PATH: &str = "target/xtask/bench-boot.json";
 
 /// Serial lines of the hypervisor that explain its share of the boot time: the kernel's
 /// decompression, the exit counters and the busiest I/O ports.
-const HV_LINE_MARKERS: &[&str] = &["is a bzImage", " exits: hypercall ", " busiest ports: "];
+const HV_LINE_MARKERS: &[&str] = &[
+    "is a bzImage",
+    " exits: hypercall ",
+    " busiest ports: ",
+    " slices, ",
+    "at once: ",
+];
 
 /// Options of `cargo xtask bench`.
 #[derive(Args, Debug)]
@@ -57,6 +63,10 @@ pub struct BenchArgs {
     /// Guest vCPUs (the domain's vCPUs; bare QEMU's -smp).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub vcpus: u32,
+    /// Physical CPUs of the machine under the hypervisor (its QEMU -smp).
+    #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_HOST_CPUS,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub host_cpus: u32,
     /// Kill a boot whose command has not finished after SECS (and stop the benchmark).
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub timeout: u64,
@@ -127,6 +137,8 @@ pub struct Results {
     pub memory_mib: u64,
     /// Guest vCPUs.
     pub vcpus: u32,
+    /// Physical CPUs under the hypervisor.
+    pub host_cpus: u32,
     /// The boots under the hypervisor, in order.
     pub ferrovisor: Vec<Timing>,
     /// The bare boots, in order.
@@ -219,7 +231,7 @@ impl Results {
         let lines: Vec<String> = self.hv_lines.iter().map(|l| json_string(l)).collect();
         format!(
             "{{\n  \"command\": {},\n  \"kernel_release\": {},\n  \"memory_mib\": {},\n  \
-             \"vcpus\": {},\n  \"runs\": {},\n  \
+             \"vcpus\": {},\n  \"host_cpus\": {},\n  \"runs\": {},\n  \
              \"note\": \"seconds from QEMU start; TCG timings are noisy, only ratios within one run are meaningful\",\n  \
              \"ferrovisor\": {},\n  \"bare\": {},\n  \
              \"ratio_of_medians\": {{\"up\": {}, \"exit\": {}}},\n  \
@@ -228,6 +240,7 @@ impl Results {
             json_string(&self.release),
             self.memory_mib,
             self.vcpus,
+            self.host_cpus,
             self.ferrovisor.len().max(self.bare.len()),
             side(&self.ferrovisor),
             side(&self.bare),
@@ -312,15 +325,16 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
 
     say!(
         "benchmark: {} rounds of `{BENCH_COMMAND}` in Linux {} ({} MiB, {} vCPU), \
-         under ferrovisor then bare QEMU",
+         under ferrovisor ({} host CPU(s)) then bare QEMU",
         args.runs,
         g.release,
         boot.memory_mib,
-        boot.vcpus
+        boot.vcpus,
+        args.host_cpus
     );
     say!(
         "$ {}",
-        sys::shell_line(&boot.hypervisor_command(&image, &bundle_path, "", cpu))
+        sys::shell_line(&boot.hypervisor_command(&image, &bundle_path, "", cpu, args.host_cpus))
     );
     say!("$ {}", sys::shell_line(&boot.bare_command()));
     say!("(TCG timings are noisy: compare the ratios, not the absolute times)");
@@ -329,6 +343,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         release: g.release.clone(),
         memory_mib: boot.memory_mib,
         vcpus: boot.vcpus,
+        host_cpus: args.host_cpus,
         ferrovisor: Vec::new(),
         bare: Vec::new(),
         hv_lines: Vec::new(),
@@ -340,7 +355,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             let _ = std::io::stdout().flush();
             let (cmd, source) = match mode {
                 Mode::Ferrovisor => (
-                    boot.hypervisor_command(&image, &bundle_path, "", cpu),
+                    boot.hypervisor_command(&image, &bundle_path, "", cpu, args.host_cpus),
                     Source::Hypervisor { domid: 1 },
                 ),
                 Mode::Bare => (boot.bare_command(), Source::Bare),
@@ -438,6 +453,7 @@ mod tests {
             release: "6.1.0-56-amd64".into(),
             memory_mib: 256,
             vcpus: 1,
+            host_cpus: 2,
             ferrovisor: vec![
                 Timing { up: 8.0, exit: 9.0 },
                 Timing {
@@ -473,6 +489,7 @@ mod tests {
     fn json_is_well_formed_enough() {
         let j = sample().json();
         assert!(j.contains("\"up_s\": [8.000, 10.000]"), "{j}");
+        assert!(j.contains("\"host_cpus\": 2,"), "{j}");
         assert!(
             j.contains("\"ratio_of_medians\": {\"up\": 1.800, \"exit\": 2.000}"),
             "{j}"

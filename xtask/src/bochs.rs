@@ -342,6 +342,7 @@ mod tests {
             cmdline: "",
             cpu: "max",
             domain_memory_mib: 32,
+            host_cpus: 2,
             serial: Serial::Pipe,
             extra: &[],
         };

@@ -50,7 +50,7 @@ enum Cmd {
     },
     /// Build, then boot the hypervisor in QEMU with one domain, serial on this terminal;
     /// with `-- CMD`, run CMD in the Linux guest and exit with its status.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Download Debian's kernel and busybox and build the Linux guest (target/guest/).
     Guest(guest::GuestArgs),
     /// Everything CI runs: fmt, clippy, unit tests, build, QEMU and Bochs scenarios.
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
             image::Profile::Release
         })
         .map(|()| ExitCode::SUCCESS),
-        Cmd::Run(args) => run::run(args),
+        Cmd::Run(args) => run::run(*args),
         Cmd::Guest(args) => guest::guest(args).map(|()| ExitCode::SUCCESS),
         Cmd::Test(args) => pipeline::test(args),
         Cmd::Iso(args) => iso::iso(args).map(|()| ExitCode::SUCCESS),

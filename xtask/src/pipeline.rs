@@ -35,6 +35,10 @@ pub struct TestArgs {
     /// (for iterating on one scenario; CI always runs every step).
     #[arg(long)]
     pub scenarios_only: bool,
+    /// Physical CPUs (QEMU -smp) of every scenario that does not name its own.
+    #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_HOST_CPUS,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub host_cpus: u32,
 }
 
 /// Lines of a failing scenario's log printed under its verdict.
@@ -181,7 +185,7 @@ pub fn test(args: TestArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let (passed, failed) = run_scenarios(&scenarios, linux.as_ref())?;
+    let (passed, failed) = run_scenarios(&scenarios, linux.as_ref(), args.host_cpus)?;
     println!();
     println!("{passed} passed, {failed} failed");
     if !failed_steps.is_empty() {
@@ -199,6 +203,7 @@ pub fn test(args: TestArgs) -> Result<ExitCode> {
 fn run_scenarios(
     scenarios: &[Scenario],
     linux: Option<&Result<LinuxGuest, String>>,
+    host_cpus: u32,
 ) -> Result<(usize, usize)> {
     let work = sys::workspace_root().join("target").join("xtask");
     let logs = work.join("logs");
@@ -209,7 +214,8 @@ fn run_scenarios(
     let (mut passed, mut failed) = (0, 0);
     let mut bochs_secs = 0.0;
     for s in scenarios {
-        println!("--- {}: {}", s.name, s.about);
+        let cpus = s.host_cpus.unwrap_or(host_cpus);
+        println!("--- {} ({cpus} host CPU(s)): {}", s.name, s.about);
         let log = logs.join(format!("{}.log", s.name));
         let start = Instant::now();
         let verdict = match linux {
@@ -219,7 +225,7 @@ fn run_scenarios(
                     testguest: &testguest,
                     linux: linux.and_then(|l| l.as_ref().ok()),
                 };
-                run_one(s, &work, &image, guests, &log)
+                run_one(s, cpus, &work, &image, guests, &log)
             }
         };
         let secs = start.elapsed().as_secs_f64();
@@ -252,6 +258,7 @@ fn is_bochs(s: &Scenario) -> bool {
 /// Boots one scenario; `Err` holds the reason it failed.
 fn run_one(
     s: &Scenario,
+    host_cpus: u32,
     work: &Path,
     image: &Path,
     guests: Guests,
@@ -275,6 +282,7 @@ fn run_one(
             cmdline: s.hv_cmdline,
             cpu: s.cpu,
             domain_memory_mib: s.domains.iter().map(|d| d.memory_mib).sum(),
+            host_cpus,
             serial: qemu::Serial::File(log.to_path_buf()),
             extra: &extra,
         },
@@ -367,6 +375,7 @@ mod tests {
             scenario: scenario.iter().map(|s| s.to_string()).collect(),
             keep_going: false,
             scenarios_only: false,
+            host_cpus: 2,
         }
     }
 

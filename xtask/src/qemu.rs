@@ -16,6 +16,9 @@ pub const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 /// Memory QEMU gives the hypervisor itself, before the domains' memory.
 pub const HYPERVISOR_MEMORY_MIB: u64 = 256;
 
+/// Physical CPUs QEMU gives the hypervisor unless told otherwise (`--host-cpus`).
+pub const DEFAULT_HOST_CPUS: u32 = 2;
+
 /// Where the serial port goes.
 #[derive(Clone, Debug)]
 pub enum Serial {
@@ -40,6 +43,8 @@ pub struct Boot<'a> {
     pub cpu: &'a str,
     /// Sum of the memory of every domain, in MiB.
     pub domain_memory_mib: u64,
+    /// Physical CPUs of the machine (`-smp`): the hypervisor starts them all.
+    pub host_cpus: u32,
     /// Where the serial port goes.
     pub serial: Serial,
     /// Extra arguments appended as they are.
@@ -113,7 +118,7 @@ pub fn command(boot: &Boot) -> Command {
     machine_command(&Machine {
         cpu: boot.cpu,
         memory_mib: host_memory_mib(boot.domain_memory_mib),
-        cpus: 1,
+        cpus: boot.host_cpus.max(1),
         kernel: boot.image,
         initrd: boot.bundle,
         append: boot.cmdline,
@@ -230,6 +235,7 @@ mod tests {
             cmdline: "",
             cpu: "max",
             domain_memory_mib: 32,
+            host_cpus: 2,
             serial: Serial::File("/t/x.log".into()),
             extra: &extra,
         });
@@ -242,7 +248,7 @@ mod tests {
         assert_eq!(
             line,
             format!(
-                "qemu-system-x86_64 -machine q35 -accel tcg -cpu max -m 320 -smp 1 -nodefaults \
+                "qemu-system-x86_64 -machine q35 -accel tcg -cpu max -m 320 -smp 2 -nodefaults \
                  -no-user-config -display none -no-reboot{bios} \
                  -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel /t/ferrovisor \
                  -initrd /t/run.cpio -append '' -serial file:/t/x.log -d int"

@@ -74,6 +74,12 @@ pub struct RunArgs {
     /// The hypervisor's own command line (QEMU `-append`).
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
+    /// Physical CPUs of the machine the hypervisor runs on (QEMU `-smp`; its
+    /// `maxcpus=N` command-line option uses fewer). Ignored with --bare (which gives
+    /// the guest --vcpus CPUs).
+    #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_HOST_CPUS,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub host_cpus: u32,
     /// Virtualisation backend: `svm` boots QEMU TCG (`-cpu max`, AMD SVM with nested
     /// paging); `vmx` boots Bochs (`corei7_skylake_x`: Intel VMX with EPT) from the GRUB
     /// ISO, headless, serial output only (no console input).
@@ -217,8 +223,9 @@ impl LinuxBoot<'_> {
         bundle: &Path,
         hv_cmdline: &str,
         cpu: &str,
+        host_cpus: u32,
     ) -> Command {
-        qemu::command(&self.hypervisor_boot(image, bundle, hv_cmdline, cpu))
+        qemu::command(&self.hypervisor_boot(image, bundle, hv_cmdline, cpu, host_cpus))
     }
 
     /// The boot of the hypervisor `image` with `bundle`, on QEMU or Bochs (`cpu`).
@@ -228,6 +235,7 @@ impl LinuxBoot<'_> {
         bundle: &'b Path,
         hv_cmdline: &'b str,
         cpu: &'b str,
+        host_cpus: u32,
     ) -> qemu::Boot<'b> {
         qemu::Boot {
             image,
@@ -235,6 +243,7 @@ impl LinuxBoot<'_> {
             cmdline: hv_cmdline,
             cpu,
             domain_memory_mib: self.memory_mib,
+            host_cpus,
             serial: self.serial.clone(),
             extra: self.extra,
         }
@@ -373,6 +382,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             cmdline: &args.cmdline,
             cpu,
             domain_memory_mib: domain.memory_mib,
+            host_cpus: args.host_cpus,
             serial: qemu::Serial::Interactive,
             extra: &args.qemu_args,
         },
@@ -450,7 +460,7 @@ fn run_linux(
         let bundle_path = work.join("run.cpio");
         write_bundle(&bundle_path, &boot.domain())?;
         let launch = bochs::launch(
-            &boot.hypervisor_boot(&image, &bundle_path, &args.cmdline, cpu),
+            &boot.hypervisor_boot(&image, &bundle_path, &args.cmdline, cpu, args.host_cpus),
             &bochs_dir(work),
         )?;
         (launch, Source::Hypervisor { domid: 1 })
@@ -484,6 +494,7 @@ fn run_user_domains(args: &RunArgs, cpu: &str, profile: Profile, work: &Path) ->
             cmdline: &args.cmdline,
             cpu,
             domain_memory_mib: memory,
+            host_cpus: args.host_cpus,
             serial: qemu::Serial::Interactive,
             extra: &args.qemu_args,
         },

@@ -154,6 +154,17 @@ impl Vcpu {
         }
     }
 
+    /// Makes this vCPU run on the physical CPU whose state is `cpu` from its next entry
+    /// (see [`SvmVcpu::load_on`]). VMX vCPUs never move: under VMX only the boot CPU
+    /// runs guests (moving a VMCS needs VMCLEAR on the CPU it was current on, which is
+    /// not done), so their VMCS stays current where it was loaded.
+    pub fn load_on(&mut self, cpu: &HostCpu) {
+        // one backend per boot: a VMX vCPU only meets the boot CPU's VMX state
+        if let (Vcpu::Svm(v), HostCpu::Svm(c)) = (self, cpu) {
+            v.load_on(c);
+        }
+    }
+
     /// Raw exit information for diagnostics (backend-specific triple).
     pub fn exit_info(&self) -> (u64, u64, u64) {
         match self {

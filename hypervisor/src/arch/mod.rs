@@ -6,7 +6,13 @@
 //! the types that hide which one boot chose.
 pub mod cpu;
 pub mod lapic;
+
+/// The virtualisation state of one physical CPU (host save areas, FPU mode), whichever
+/// backend runs it: the scheduler keeps one per CPU and hands it to the vCPU it runs.
+pub use cpu::HostCpu;
+
 pub mod phys;
+pub mod stack;
 pub mod svm;
 pub mod vmx;
 pub mod vtd;

@@ -75,7 +75,8 @@ pub fn detect_with<R: raw_cpuid::CpuIdReader>(
 #[repr(C, align(4096))]
 struct Page([u8; 4096]);
 
-/// Per-CPU SVM state: the host save area VMRUN uses and the area VMSAVE/VMLOAD swap.
+/// Per-CPU SVM state: the host save area VMRUN uses and the area VMSAVE/VMLOAD swap
+/// (one of each per physical CPU: see [`SvmVcpu::load_on`]).
 pub struct SvmCpu {
     _hsave: Box<Page>,
     host_save: Box<Page>,
@@ -565,6 +566,15 @@ impl SvmVcpu {
             next_rip: None,
             guest_xcr0: 1,
         }
+    }
+
+    /// Makes this vCPU run on the physical CPU whose state is `cpu` from its next
+    /// entry: VMRUN saves the host there and the world switch swaps the host's hidden
+    /// state and FPU through that CPU's areas. Call before every time slice (a vCPU
+    /// moves between physical CPUs).
+    pub fn load_on(&mut self, cpu: &SvmCpu) {
+        self.host_save_pa = pa_of(&*cpu.host_save);
+        self.host_fpu_pa = pa_of(&*cpu.host_fpu);
     }
 
     /// Raw exit information for diagnostics: (exit code, exitinfo1, exitinfo2).

@@ -3,7 +3,9 @@
 //!
 //! Command line: `test=exits` (default) runs the exit-path checks in the order of
 //! [`Check::ALL`]; `test=triple-fault` triple-faults on purpose; `test=spin` computes for
-//! about a second without exits, then powers off. Any other `test=` value
+//! about a second without exits, then powers off; `test=work count=N` computes N
+//! million steps without exits and reports the TSC cycles they took; `test=smp-shutdown`
+//! (two vCPUs) powers off while its second vCPU runs. Any other `test=` value
 //! is reported and ends the guest with `SHUTDOWN_crash`.
 //!
 //! Boot: [`boot`] (32-bit PVH entry to long mode). Exceptions: [`idt`]. The instructions
@@ -85,6 +87,8 @@ extern "C" fn main(start_info_paddr: u64) -> ! {
         b"exits" => run_exits(),
         b"triple-fault" => run_triple_fault(),
         b"spin" => run_spin(),
+        b"work" => run_work(count_option(cmdline()).unwrap_or(100)),
+        b"smp-shutdown" => run_smp_shutdown(),
         b"hostile" => run_hostile(),
         b"reboot-twice" => run_reboot_n(2),
         b"xenstore" => xs::run(),
@@ -395,6 +399,87 @@ fn run_spin() -> ! {
         core::hint::spin_loop();
     }
     console_write("testguest: done spinning\n");
+    shutdown(hc::SHUTDOWN_POWEROFF)
+}
+
+/// The `test=work` guest: a fixed amount of computation without a single exit
+/// (`count=N` million steps of a 64-bit LCG, default 100), then the TSC cycles it
+/// took, and poweroff. Unlike `test=spin` (which waits for the TSC, a wall clock),
+/// it only finishes by getting CPU time: two of them on two physical CPUs each finish
+/// in about the time one alone takes, on one CPU in about twice that.
+fn run_work(millions: i64) -> ! {
+    let steps = millions.max(1) as u64 * 1_000_000;
+    console_write("testguest: working\n");
+    // SAFETY: RDTSC is unprivileged and has no side effects.
+    let start = unsafe { core::arch::x86_64::_rdtsc() };
+    let mut x: u64 = 1;
+    for _ in 0..steps {
+        x = core::hint::black_box(
+            x.wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407),
+        );
+    }
+    // SAFETY: as above.
+    let cycles = unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(start);
+    let mut line = StackBuf::<128>::new();
+    let _ = writeln!(
+        line,
+        "testguest: work done: {millions} M steps in {} M TSC cycles (result {:#x})",
+        cycles / 1_000_000,
+        x >> 48
+    );
+    console_write_bytes(line.as_bytes());
+    shutdown(hc::SHUTDOWN_POWEROFF)
+}
+
+/// Guest-physical page where `test=smp-shutdown` starts vCPU 1 (its SIPI vector).
+const SMP_CODE_PAGE: u64 = 0x8000;
+/// Where vCPU 1 counts its loop iterations.
+const SMP_COUNTER: u64 = 0x100;
+
+/// The `test=smp-shutdown` guest (two vCPUs): starts vCPU 1 with INIT and a start-up
+/// IPI into a real-mode loop that counts forever without exits, waits until the count
+/// moves (vCPU 1 runs, on another physical CPU when there is one), then powers off
+/// while vCPU 1 is still running: the hypervisor must stop it before it destroys the
+/// domain.
+fn run_smp_shutdown() -> ! {
+    // inc dword [0x100]; jmp back (real mode, DS = 0 after the start-up IPI)
+    let code: [u8; 7] = [0x66, 0xff, 0x06, 0x00, 0x01, 0xeb, 0xf9];
+    // SAFETY: the low pages of guest RAM are identity-mapped and unused by this guest.
+    unsafe {
+        core::ptr::copy_nonoverlapping(code.as_ptr(), SMP_CODE_PAGE as *mut u8, code.len());
+        arch::write32(SMP_COUNTER, 0);
+    }
+    console_write("testguest: starting vcpu1\n");
+    // SAFETY: x2APIC ICR writes (the hypervisor starts the APIC in x2APIC mode): INIT,
+    // then a start-up IPI with vector 8 (page 0x8000) to APIC id 1.
+    unsafe {
+        arch::wrmsr(0x830, (1u64 << 32) | 0x4500);
+        arch::wrmsr(0x830, (1u64 << 32) | 0x4600 | (SMP_CODE_PAGE >> 12));
+    }
+    // SAFETY: RDTSC is unprivileged and has no side effects.
+    let start = unsafe { core::arch::x86_64::_rdtsc() };
+    let mut seen = 0;
+    loop {
+        // SAFETY: reads the counter vCPU 1 writes (identity-mapped guest RAM).
+        let n = unsafe { arch::read32(SMP_COUNTER) };
+        if n > 1_000_000 {
+            seen = n;
+            break;
+        }
+        // SAFETY: as above.
+        if unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(start) > 20_000_000_000 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let mut line = StackBuf::<96>::new();
+    if seen > 0 {
+        let _ = writeln!(line, "testguest: vcpu1 is counting ({seen}): powering off");
+    } else {
+        let _ = writeln!(line, "testguest: vcpu1 never counted: powering off");
+    }
+    console_write_bytes(line.as_bytes());
     shutdown(hc::SHUTDOWN_POWEROFF)
 }
 
