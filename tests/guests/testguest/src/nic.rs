@@ -270,17 +270,20 @@ impl Nic {
             }
         }
         // The frame comes back through QEMU's dgram socket: wait for the receive
-        // descriptor (written back even when the buffer write was blocked).
+        // descriptor (written back even when the buffer write was blocked). Mostly the
+        // descriptor in RAM is polled, yielding in between: every register read takes
+        // QEMU's device lock, which its network thread needs to deliver the frame.
         let mut status = 0;
-        for _ in 0..300_000 {
+        for n in 0..2_000_000u32 {
             status = RINGS.rx[i][12].load(Ordering::SeqCst);
             if status & 1 != 0 {
                 break;
             }
-            if self.reg(RDH) as usize == self.next {
+            if n % 256 == 255 && self.reg(RDH) as usize == self.next {
                 status = RINGS.rx[i][12].load(Ordering::SeqCst);
                 break;
             }
+            peer::yield_now();
         }
         let len = u16::from_le_bytes([
             RINGS.rx[i][8].load(Ordering::SeqCst),
