@@ -489,6 +489,11 @@ pub unsafe fn enable(features: VmxFeatures) -> Result<VmxCpu, &'static str> {
     if unsafe { x86::bits64::vmx::vmxon(pa_of(&*vmxon)) }.is_err() {
         return Err("VMXON failed (is another hypervisor already in VMX operation?)");
     }
+    for m in SYSCALL_MSRS {
+        // SAFETY: the syscall MSRs exist on every x86-64 CPU and the host does not use
+        // them; zero matches LOADED_SYSCALL_MSRS' initial values.
+        unsafe { hw::wrmsr(m, 0) };
+    }
     let fpu = super::svm::enable_fpu();
     Ok(VmxCpu {
         _vmxon: vmxon,
@@ -501,6 +506,11 @@ pub unsafe fn enable(features: VmxFeatures) -> Result<VmxCpu, &'static str> {
 /// The physical address of the VMCS that is current on this CPU (0: none). One CPU
 /// runs guests today; with more, this becomes per-CPU state.
 static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
+
+/// What this CPU's STAR/LSTAR/CSTAR/SFMASK/KERNEL_GS_BASE hold now (the last guest's
+/// values; the host does not use them): only MSRs that differ are written before an
+/// entry. Per CPU, like [`CURRENT_VMCS`].
+static LOADED_SYSCALL_MSRS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 
 fn vmread(field: u32) -> u64 {
     // SAFETY: callers made a VMCS current (VmxVcpu::load); VMREAD of a field the CPU
@@ -586,20 +596,23 @@ ferrovisor_vmx_run:
     push r15
     push rdi
 
+    /* FPU state moves with the host's XCR0 in force and its mask, whatever the
+       guest's XCR0 (XSAVE saves only what XCR0 enables: a guest still at XCR0 = 1
+       has live SSE state too); the guest's XCR0 goes in last. */
     cmp qword ptr [rdi + {use_xsave}], 0
     je 1f
     mov eax, dword ptr [rdi + {host_xcr0}]
     mov edx, dword ptr [rdi + {host_xcr0} + 4]
     mov r8, [rdi + {host_fpu}]
     xsave64 [r8]
+    mov eax, dword ptr [rdi + {host_xcr0}]
+    mov edx, dword ptr [rdi + {host_xcr0} + 4]
+    mov r8, [rdi + {guest_fpu}]
+    xrstor64 [r8]
     mov eax, dword ptr [rdi + {guest_xcr0}]
     mov edx, dword ptr [rdi + {guest_xcr0} + 4]
     xor ecx, ecx
     xsetbv
-    mov eax, dword ptr [rdi + {guest_xcr0}]
-    mov edx, dword ptr [rdi + {guest_xcr0} + 4]
-    mov r8, [rdi + {guest_fpu}]
-    xrstor64 [r8]
     jmp 2f
 1:
     mov r8, [rdi + {host_fpu}]
@@ -672,14 +685,14 @@ ferrovisor_vmx_exit:
 
     cmp qword ptr [rdi + {use_xsave}], 0
     je 6f
-    mov eax, dword ptr [rdi + {guest_xcr0}]
-    mov edx, dword ptr [rdi + {guest_xcr0} + 4]
-    mov r8, [rdi + {guest_fpu}]
-    xsave64 [r8]
     mov eax, dword ptr [rdi + {host_xcr0}]
     mov edx, dword ptr [rdi + {host_xcr0} + 4]
     xor ecx, ecx
     xsetbv
+    mov eax, dword ptr [rdi + {host_xcr0}]
+    mov edx, dword ptr [rdi + {host_xcr0} + 4]
+    mov r8, [rdi + {guest_fpu}]
+    xsave64 [r8]
     mov eax, dword ptr [rdi + {host_xcr0}]
     mov edx, dword ptr [rdi + {host_xcr0} + 4]
     mov r8, [rdi + {host_fpu}]
@@ -1133,9 +1146,13 @@ impl VmxVcpu {
         let cr = q & 0xf;
         let kind = (q >> 4) & 3;
         let gpr = ((q >> 8) & 0xf) as usize;
+        // Outside 64-bit mode MOV to CR uses the register's low 32 bits.
+        let long = vmread(guest::IA32_EFER_FULL) & efer::LMA != 0
+            && vmread(guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0;
+        let width = if long { u64::MAX } else { 0xffff_ffff };
         match (kind, cr) {
             (0, 0) => {
-                let v = self.gpr(gpr);
+                let v = self.gpr(gpr) & width;
                 let old = self.guest_cr0();
                 let efer_v = vmread(guest::IA32_EFER_FULL);
                 let cr4 = self.guest_cr4();
@@ -1170,7 +1187,7 @@ impl VmxVcpu {
                 self.flush = true;
             }
             (0, 4) => {
-                let v = self.gpr(gpr);
+                let v = self.gpr(gpr) & width;
                 let lma = vmread(guest::IA32_EFER_FULL) & efer::LMA != 0;
                 let allowed = self.features.cr4_fixed1 & !CR4_VMXE;
                 if v & !allowed != 0 || (lma && v & CR4_PAE == 0) {
@@ -1314,19 +1331,26 @@ impl GuestCpu for VmxVcpu {
                 }
                 FpuMode::Fxsave => self.ctx.use_xsave = 0,
             }
-            // SAFETY: the syscall MSRs exist on every x86-64 CPU; the host does not use
-            // them, so they hold the guest's values while it runs.
-            unsafe {
-                for (m, v) in SYSCALL_MSRS.iter().zip(self.syscall_msrs) {
-                    hw::wrmsr(*m, v);
+            for ((m, v), loaded) in SYSCALL_MSRS
+                .iter()
+                .zip(self.syscall_msrs)
+                .zip(&LOADED_SYSCALL_MSRS)
+            {
+                if loaded.load(Ordering::Relaxed) != v {
+                    // SAFETY: the syscall MSRs exist on every x86-64 CPU; the host does
+                    // not use them, so they hold the guest's values while it runs.
+                    unsafe { hw::wrmsr(*m, v) };
+                    loaded.store(v, Ordering::Relaxed);
                 }
             }
             // SAFETY: ctx is a live RunCtx; this vCPU's VMCS is current and complete
             // (guest, host and control state written by new_pvh); the FPU areas are
             // owned by this vCPU and its VmxCpu, aligned for XSAVE.
             unsafe { ferrovisor_vmx_run(&mut self.ctx) };
-            // SAFETY: as above; SWAPGS may have changed KERNEL_GS_BASE in the guest.
+            // SAFETY: KERNEL_GS_BASE exists on every x86-64 CPU; SWAPGS in the guest may
+            // have changed it.
             self.syscall_msrs[4] = unsafe { hw::rdmsr(msr::KERNEL_GS_BASE) };
+            LOADED_SYSCALL_MSRS[4].store(self.syscall_msrs[4], Ordering::Relaxed);
             if self.ctx.result != 0 {
                 let err = if self.ctx.result == 2 {
                     vmread(ro::VM_INSTRUCTION_ERROR)
