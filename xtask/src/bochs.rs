@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use wait_timeout::ChildExt;
 
 use crate::qemu::{self, Ended, Serial};
 use crate::sys::Requirement;
@@ -210,17 +209,35 @@ pub fn spawn(run: &mut BochsRun) -> Result<Child> {
         .context("starting bochs (under script)")
 }
 
-/// Runs a Bochs boot to its end or `timeout` (then kills it). The display output is
-/// copied to `output` afterwards.
+/// Runs a Bochs boot to its end or `timeout` (then kills it). The image powers Bochs off
+/// at the end of a run once it has found the emulator's ACPI tables; a verdict printed
+/// before that (a fatal error or exception early at boot) ends the run here, a second
+/// after the verdict line. The display output is copied to `output` afterwards.
 pub fn run_with_timeout(mut run: BochsRun, timeout: Duration, output: &Path) -> Result<Ended> {
+    let start = std::time::Instant::now();
     let mut child = spawn(&mut run)?;
-    let ended = match child.wait_timeout(timeout)? {
-        Some(status) => Ended::Exited(status.code()),
-        None => {
+    let mut verdict_at: Option<std::time::Instant> = None;
+    let ended = loop {
+        if let Some(status) = child.try_wait()? {
+            break Ended::Exited(status.code());
+        }
+        if verdict_at.is_none() {
+            let serial = std::fs::read(&run.serial).unwrap_or_default();
+            if verdict(&String::from_utf8_lossy(&serial)).is_some() {
+                verdict_at = Some(std::time::Instant::now());
+            }
+        }
+        if verdict_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            kill(&mut child);
+            let status = child.wait()?;
+            break Ended::Exited(status.code());
+        }
+        if start.elapsed() > timeout {
             kill(&mut child);
             child.wait()?;
-            Ended::TimedOut
+            break Ended::TimedOut;
         }
+        std::thread::sleep(Duration::from_millis(100));
     };
     let _ = std::fs::copy(&run.display, output);
     Ok(ended)
@@ -276,12 +293,20 @@ pub fn follow_to_stdout(mut run: BochsRun) -> Result<Option<i32>> {
     let mut file = File::open(&run.serial)?;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
+    let mut verdict_at: Option<std::time::Instant> = None;
     loop {
         let exited = child.try_wait()?.is_some();
         let n = file.read(&mut buf)?;
         if n == 0 {
             if exited {
                 break;
+            }
+            // A verdict printed before the image could power Bochs off ends the run.
+            if verdict_at.is_none() && verdict(&String::from_utf8_lossy(&seen)).is_some() {
+                verdict_at = Some(std::time::Instant::now());
+            }
+            if verdict_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+                kill(&mut child);
             }
             std::thread::sleep(Duration::from_millis(20));
             continue;

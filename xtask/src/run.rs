@@ -701,6 +701,7 @@ pub fn boot_command(
         }
     };
     let mut verdict: Option<i32> = None;
+    let mut verdict_seen: Option<Instant> = None;
     let (tx, rx) = mpsc::channel::<(Instant, String)>();
     let reader = std::thread::spawn(move || {
         let mut r = BufReader::new(serial);
@@ -761,6 +762,13 @@ pub fn boot_command(
         }
         if is_bochs && child.try_wait()?.is_some() {
             bochs_done.store(true, Ordering::Release);
+        }
+        // A verdict printed before the image could power Bochs off ends the run.
+        if is_bochs && verdict.is_some() && killed.is_none() {
+            let at = *verdict_seen.get_or_insert_with(Instant::now);
+            if at.elapsed() > Duration::from_secs(1) && child.try_wait()?.is_none() {
+                bochs::kill(&mut child);
+            }
         }
         if killed.is_none() {
             let why = match (exit, timeout) {

@@ -344,14 +344,16 @@ ferrovisor_svm_run:
     mov edx, dword ptr [rdi + {host_xcr0} + 4]
     mov r8, [rdi + {host_fpu}]
     xsave64 [r8]
+    /* the guest's state moves under the host's XCR0 and mask (a guest at XCR0 = 1
+       has live SSE state too); its own XCR0 goes in last */
+    mov eax, dword ptr [rdi + {host_xcr0}]
+    mov edx, dword ptr [rdi + {host_xcr0} + 4]
+    mov r8, [rdi + {guest_fpu}]
+    xrstor64 [r8]
     mov eax, dword ptr [rdi + {guest_xcr0}]
     mov edx, dword ptr [rdi + {guest_xcr0} + 4]
     xor ecx, ecx
     xsetbv
-    mov eax, dword ptr [rdi + {guest_xcr0}]
-    mov edx, dword ptr [rdi + {guest_xcr0} + 4]
-    mov r8, [rdi + {guest_fpu}]
-    xrstor64 [r8]
     jmp 2f
 1:
     mov r8, [rdi + {host_fpu}]
@@ -416,12 +418,14 @@ ferrovisor_svm_run:
     and eax, dword ptr [rdi + {host_xcr0}]
     mov dword ptr [rdi + {guest_xcr0}], eax
     mov dword ptr [rdi + {guest_xcr0} + 4], 0
-    mov r8, [rdi + {guest_fpu}]
-    xsave64 [r8]
     mov eax, dword ptr [rdi + {host_xcr0}]
     mov edx, dword ptr [rdi + {host_xcr0} + 4]
     xor ecx, ecx
     xsetbv
+    mov eax, dword ptr [rdi + {host_xcr0}]
+    mov edx, dword ptr [rdi + {host_xcr0} + 4]
+    mov r8, [rdi + {guest_fpu}]
+    xsave64 [r8]
     mov eax, dword ptr [rdi + {host_xcr0}]
     mov edx, dword ptr [rdi + {host_xcr0} + 4]
     mov r8, [rdi + {host_fpu}]

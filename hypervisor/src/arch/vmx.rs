@@ -14,7 +14,10 @@
 //!   GPR but RSP: the trampoline and [`VmxVcpu::run`] swap those.
 //! - External-interrupt exiting without acknowledge-on-exit leaves the host timer's
 //!   interrupt pending in the local APIC; the trampoline takes it with `sti; nop; cli`
-//!   right after the exit, as the SVM trampoline does after `stgi`.
+//!   right after the exit, as the SVM trampoline does after `stgi`. The VMX-preemption
+//!   timer (when the CPU has it) backs this up: under Bochs a secondary vCPU bringing
+//!   Linux up was once never preempted by the host timer's interrupt, and the whole
+//!   machine stopped; its expiry is reported as the same preemption.
 //! - Guest CR0.NE and CR4.VMXE are fixed to 1 by VMX: both are owned by the host
 //!   (guest/host masks) and the guest sees its own values through the read shadows.
 
@@ -44,6 +47,8 @@ pub mod cap {
     pub const PROCBASED: u32 = x86::msr::IA32_VMX_PROCBASED_CTLS;
     /// IA32_VMX_EXIT_CTLS
     pub const EXIT: u32 = x86::msr::IA32_VMX_EXIT_CTLS;
+    /// IA32_VMX_MISC (bits 4:0: the VMX-preemption timer's rate)
+    pub const MISC: u32 = x86::msr::IA32_VMX_MISC;
     /// IA32_VMX_ENTRY_CTLS
     pub const ENTRY: u32 = x86::msr::IA32_VMX_ENTRY_CTLS;
     /// IA32_VMX_CR0_FIXED0
@@ -224,6 +229,9 @@ pub struct VmxFeatures {
     pub invvpid_single: bool,
     /// IA32_FEATURE_CONTROL is unlocked: enable must set and lock it.
     pub needs_feature_control: bool,
+    /// The VMX-preemption timer counts down once every `2^shift` TSC cycles (when the
+    /// pin-based control is on).
+    pub preemption_timer_shift: u8,
     /// CR0 bits fixed to 1 in VMX operation (IA32_VMX_CR0_FIXED0).
     pub cr0_fixed0: u64,
     /// CR0 bits allowed to be 1 (IA32_VMX_CR0_FIXED1).
@@ -266,9 +274,9 @@ pub fn wanted_controls() -> [Want; 5] {
     let pin = Want {
         required: (PinbasedControls::EXTERNAL_INTERRUPT_EXITING | PinbasedControls::NMI_EXITING)
             .bits(),
-        optional: 0,
-        forbidden: (PinbasedControls::VMX_PREEMPTION_TIMER | PinbasedControls::POSTED_INTERRUPTS)
-            .bits(),
+        // A backstop for preemption besides the host timer's interrupt.
+        optional: PinbasedControls::VMX_PREEMPTION_TIMER.bits(),
+        forbidden: PinbasedControls::POSTED_INTERRUPTS.bits(),
     };
     let proc = Want {
         required: (PrimaryControls::HLT_EXITING
@@ -402,6 +410,7 @@ pub fn detect_with(cpuid_vmx: bool, rdmsr: impl Fn(u32) -> u64) -> Result<VmxFea
         invept_single: ept & cap::INVEPT_SINGLE != 0,
         invvpid_single: ept & cap::INVVPID_SINGLE != 0,
         needs_feature_control: fc & cap::FC_LOCKED == 0,
+        preemption_timer_shift: (rdmsr(cap::MISC) & 0x1f) as u8,
         cr0_fixed0: rdmsr(cap::CR0_FIXED0),
         cr0_fixed1: rdmsr(cap::CR0_FIXED1),
         cr4_fixed0: rdmsr(cap::CR4_FIXED0),
@@ -489,6 +498,11 @@ pub unsafe fn enable(features: VmxFeatures) -> Result<VmxCpu, &'static str> {
     if unsafe { x86::bits64::vmx::vmxon(pa_of(&*vmxon)) }.is_err() {
         return Err("VMXON failed (is another hypervisor already in VMX operation?)");
     }
+    for m in SYSCALL_MSRS {
+        // SAFETY: the syscall MSRs exist on every x86-64 CPU and the host does not use
+        // them; zero matches LOADED_SYSCALL_MSRS' initial values.
+        unsafe { hw::wrmsr(m, 0) };
+    }
     let fpu = super::svm::enable_fpu();
     Ok(VmxCpu {
         _vmxon: vmxon,
@@ -501,6 +515,11 @@ pub unsafe fn enable(features: VmxFeatures) -> Result<VmxCpu, &'static str> {
 /// The physical address of the VMCS that is current on this CPU (0: none). One CPU
 /// runs guests today; with more, this becomes per-CPU state.
 static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
+
+/// What this CPU's STAR/LSTAR/CSTAR/SFMASK/KERNEL_GS_BASE hold now (the last guest's
+/// values; the host does not use them): only MSRs that differ are written before an
+/// entry. Per CPU, like [`CURRENT_VMCS`].
+static LOADED_SYSCALL_MSRS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 
 fn vmread(field: u32) -> u64 {
     // SAFETY: callers made a VMCS current (VmxVcpu::load); VMREAD of a field the CPU
@@ -586,20 +605,23 @@ ferrovisor_vmx_run:
     push r15
     push rdi
 
+    /* FPU state moves with the host's XCR0 in force and its mask, whatever the
+       guest's XCR0 (XSAVE saves only what XCR0 enables: a guest still at XCR0 = 1
+       has live SSE state too); the guest's XCR0 goes in last. */
     cmp qword ptr [rdi + {use_xsave}], 0
     je 1f
     mov eax, dword ptr [rdi + {host_xcr0}]
     mov edx, dword ptr [rdi + {host_xcr0} + 4]
     mov r8, [rdi + {host_fpu}]
     xsave64 [r8]
+    mov eax, dword ptr [rdi + {host_xcr0}]
+    mov edx, dword ptr [rdi + {host_xcr0} + 4]
+    mov r8, [rdi + {guest_fpu}]
+    xrstor64 [r8]
     mov eax, dword ptr [rdi + {guest_xcr0}]
     mov edx, dword ptr [rdi + {guest_xcr0} + 4]
     xor ecx, ecx
     xsetbv
-    mov eax, dword ptr [rdi + {guest_xcr0}]
-    mov edx, dword ptr [rdi + {guest_xcr0} + 4]
-    mov r8, [rdi + {guest_fpu}]
-    xrstor64 [r8]
     jmp 2f
 1:
     mov r8, [rdi + {host_fpu}]
@@ -672,14 +694,14 @@ ferrovisor_vmx_exit:
 
     cmp qword ptr [rdi + {use_xsave}], 0
     je 6f
-    mov eax, dword ptr [rdi + {guest_xcr0}]
-    mov edx, dword ptr [rdi + {guest_xcr0} + 4]
-    mov r8, [rdi + {guest_fpu}]
-    xsave64 [r8]
     mov eax, dword ptr [rdi + {host_xcr0}]
     mov edx, dword ptr [rdi + {host_xcr0} + 4]
     xor ecx, ecx
     xsetbv
+    mov eax, dword ptr [rdi + {host_xcr0}]
+    mov edx, dword ptr [rdi + {host_xcr0} + 4]
+    mov r8, [rdi + {guest_fpu}]
+    xsave64 [r8]
     mov eax, dword ptr [rdi + {host_xcr0}]
     mov edx, dword ptr [rdi + {host_xcr0} + 4]
     mov r8, [rdi + {host_fpu}]
@@ -733,6 +755,7 @@ mod reason {
     pub const RDMSR: u32 = 31;
     pub const WRMSR: u32 = 32;
     pub const INVALID_GUEST_STATE: u32 = 33;
+    pub const PREEMPTION_TIMER: u32 = 52;
     pub const MSR_LOADING: u32 = 34;
     pub const EPT_VIOLATION: u32 = 48;
     pub const INVEPT: u32 = 50;
@@ -750,6 +773,8 @@ mod event {
 }
 
 const VEC_UD: u8 = 6;
+/// Milliseconds of guest execution after which the VMX-preemption timer exits.
+const BACKSTOP_MS: u64 = 20;
 const VEC_GP: u8 = 13;
 
 /// An event to inject at the next entry: interruption information, error code and
@@ -1133,9 +1158,13 @@ impl VmxVcpu {
         let cr = q & 0xf;
         let kind = (q >> 4) & 3;
         let gpr = ((q >> 8) & 0xf) as usize;
+        // Outside 64-bit mode MOV to CR uses the register's low 32 bits.
+        let long = vmread(guest::IA32_EFER_FULL) & efer::LMA != 0
+            && vmread(guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0;
+        let width = if long { u64::MAX } else { 0xffff_ffff };
         match (kind, cr) {
             (0, 0) => {
-                let v = self.gpr(gpr);
+                let v = self.gpr(gpr) & width;
                 let old = self.guest_cr0();
                 let efer_v = vmread(guest::IA32_EFER_FULL);
                 let cr4 = self.guest_cr4();
@@ -1170,7 +1199,7 @@ impl VmxVcpu {
                 self.flush = true;
             }
             (0, 4) => {
-                let v = self.gpr(gpr);
+                let v = self.gpr(gpr) & width;
                 let lma = vmread(guest::IA32_EFER_FULL) & efer::LMA != 0;
                 let allowed = self.features.cr4_fixed1 & !CR4_VMXE;
                 if v & !allowed != 0 || (lma && v & CR4_PAE == 0) {
@@ -1227,7 +1256,9 @@ impl VmxVcpu {
                 }
             }
             reason::TRIPLE_FAULT => Exit::TripleFault,
-            reason::EXTERNAL_INTERRUPT => Exit::ExternalInterrupt,
+            // The backstop timer ran out: the host takes the CPU back, as after its
+            // timer's interrupt.
+            reason::EXTERNAL_INTERRUPT | reason::PREEMPTION_TIMER => Exit::ExternalInterrupt,
             reason::IO => {
                 let n = next();
                 self.next_rip = Some(n);
@@ -1304,6 +1335,15 @@ impl GuestCpu for VmxVcpu {
                 self.flush_now();
             }
             self.prepare_events();
+            if self.features.controls.pin & PinbasedControls::VMX_PREEMPTION_TIMER.bits() != 0 {
+                // Expires after a generous slice (the host timer normally ends it first).
+                let ticks = (crate::time::tsc_khz().max(1) * BACKSTOP_MS)
+                    >> self.features.preemption_timer_shift;
+                vmwrite(
+                    guest::VMX_PREEMPTION_TIMER_VALUE,
+                    ticks.clamp(1, u64::from(u32::MAX)),
+                );
+            }
             self.ctx.host_fpu = self.host_fpu_pa;
             self.ctx.guest_fpu = pa_of(&*self.guest_fpu);
             match self.fpu {
@@ -1314,19 +1354,26 @@ impl GuestCpu for VmxVcpu {
                 }
                 FpuMode::Fxsave => self.ctx.use_xsave = 0,
             }
-            // SAFETY: the syscall MSRs exist on every x86-64 CPU; the host does not use
-            // them, so they hold the guest's values while it runs.
-            unsafe {
-                for (m, v) in SYSCALL_MSRS.iter().zip(self.syscall_msrs) {
-                    hw::wrmsr(*m, v);
+            for ((m, v), loaded) in SYSCALL_MSRS
+                .iter()
+                .zip(self.syscall_msrs)
+                .zip(&LOADED_SYSCALL_MSRS)
+            {
+                if loaded.load(Ordering::Relaxed) != v {
+                    // SAFETY: the syscall MSRs exist on every x86-64 CPU; the host does
+                    // not use them, so they hold the guest's values while it runs.
+                    unsafe { hw::wrmsr(*m, v) };
+                    loaded.store(v, Ordering::Relaxed);
                 }
             }
             // SAFETY: ctx is a live RunCtx; this vCPU's VMCS is current and complete
             // (guest, host and control state written by new_pvh); the FPU areas are
             // owned by this vCPU and its VmxCpu, aligned for XSAVE.
             unsafe { ferrovisor_vmx_run(&mut self.ctx) };
-            // SAFETY: as above; SWAPGS may have changed KERNEL_GS_BASE in the guest.
+            // SAFETY: KERNEL_GS_BASE exists on every x86-64 CPU; SWAPGS in the guest may
+            // have changed it.
             self.syscall_msrs[4] = unsafe { hw::rdmsr(msr::KERNEL_GS_BASE) };
+            LOADED_SYSCALL_MSRS[4].store(self.syscall_msrs[4], Ordering::Relaxed);
             if self.ctx.result != 0 {
                 let err = if self.ctx.result == 2 {
                     vmread(ro::VM_INSTRUCTION_ERROR)
@@ -1577,6 +1624,7 @@ mod tests {
             cap::TRUE_PROCBASED => 0xfff9_fffe_0400_6172,
             cap::PROCBASED2 => 0x0017_33ff_0000_0000,
             cap::EXIT => 0x01ff_ffff_0003_6dff,
+            cap::MISC => 0x7004_c1e7,
             cap::TRUE_EXIT => 0x01ff_ffff_0003_6dfb,
             cap::ENTRY => 0x0003_ffff_0000_11ff,
             cap::TRUE_ENTRY => 0x0003_ffff_0000_11fb,
@@ -1617,8 +1665,10 @@ mod tests {
     fn skylake_controls_are_adjusted_from_the_true_msrs() {
         let f = detect_with(true, skylake).unwrap();
         let c = f.controls;
-        // pin: external interrupts, NMIs, plus the default-1 bits 1, 2, 4
-        assert_eq!(c.pin, 0x1f);
+        // pin: external interrupts, NMIs, the preemption timer, plus the default-1 bits
+        // 1, 2, 4
+        assert_eq!(c.pin, 0x5f);
+        assert_eq!(f.preemption_timer_shift, 7);
         // primary: the TRUE MSR lets CR3 exiting (bits 15, 16) go; HLT, CR8, I/O and
         // secondary controls on; bits 1, 4-6, 8, 13, 14, 26 default to 1
         assert_eq!(c.proc & (3 << 15), 0);
