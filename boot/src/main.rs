@@ -119,8 +119,9 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         Err(SvmError::DisabledByFirmware) => fatal!("this CPU has AMD SVM but the firmware disabled it (VM_CR.SVMDIS): enable \"SVM mode\" in the firmware setup"),
         Err(SvmError::NoNpt) => fatal!("this CPU has SVM but no nested paging (NPT), which ferrovisor requires: under QEMU TCG add +npt (-cpu qemu64,+svm,+npt) or use -cpu max"),
     };
+    SVM_FEATURES.call_once(|| features);
     // SAFETY: once, on the boot CPU, interrupts off, after detect() succeeded.
-    let cpu = unsafe { svm::enable(features) };
+    let cpu = unsafe { enable_svm() };
     log::info!(
         "SVM enabled: nested paging, {} ASIDs, next-RIP {}, FPU switch {:?}",
         features.asids,
@@ -137,7 +138,7 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         log::warn!("selftest=absent-cpu: also starting APIC id {ABSENT_APIC_ID}, which no CPU has");
         apic_ids.push(ABSENT_APIC_ID);
     }
-    let cpus = smp::start_aps(&bi, &apic_ids, max_cpus, features);
+    let cpus = smp::start_aps(&bi, &apic_ids, max_cpus, enable_svm);
     log::info!(
         "{} physical CPU(s) up: {}",
         cpus.len(),
@@ -164,6 +165,20 @@ pub extern "C" fn boot_main(eax: u32, ebx: u32) -> ! {
         }
         Err(msg) => fatal!("{msg}"),
     }
+}
+
+/// What `svm::detect` found on the boot CPU.
+static SVM_FEATURES: spin::Once<svm::SvmFeatures> = spin::Once::new();
+
+/// Turns SVM on for the calling CPU with the boot CPU's findings.
+///
+/// # Safety
+/// As [`svm::enable`]: once per CPU, interrupts off, after the boot CPU's detection
+/// succeeded (every CPU of the machine is of the same model).
+unsafe fn enable_svm() -> hypervisor::arch::HostCpu {
+    let features = *SVM_FEATURES.get().expect("detected on the boot CPU first");
+    // SAFETY: the caller's contract is svm::enable's.
+    unsafe { svm::enable(features) }
 }
 
 /// Masks every line of the two legacy 8259 PICs. Host interrupts are not used (but the

@@ -12,7 +12,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use hypervisor::arch::{lapic, svm, x86};
+use hypervisor::arch::{lapic, x86, HostCpu};
 
 use crate::bootinfo::BootInfo;
 
@@ -142,9 +142,10 @@ unsafe extern "C" {
     static ferrovisor_ap_trampoline_end: u8;
 }
 
-/// What a secondary CPU needs from the boot CPU.
+/// What a secondary CPU needs from the boot CPU: how to turn on virtualisation on it
+/// (the boot CPU chose the backend).
 struct Shared {
-    features: svm::SvmFeatures,
+    enable_virt: unsafe fn() -> HostCpu,
 }
 
 static SHARED: spin::Once<Shared> = spin::Once::new();
@@ -186,14 +187,15 @@ fn delay_us(us: u64) {
     }
 }
 
-/// Starts every CPU of `apic_ids` other than this one, up to `max_cpus` CPUs in all.
-/// Returns the CPUs that run now, this one first: (index, APIC id). An AP that does not
-/// answer within [`AP_TIMEOUT_MS`] is reported and left out.
+/// Starts every CPU of `apic_ids` other than this one, up to `max_cpus` CPUs in all;
+/// each turns on virtualisation with `enable_virt` (call once per CPU, interrupts
+/// off). Returns the CPUs that run now, this one first: (index, APIC id). An AP that
+/// does not answer within [`AP_TIMEOUT_MS`] is reported and left out.
 pub fn start_aps(
     bi: &BootInfo,
     apic_ids: &[u32],
     max_cpus: usize,
-    features: svm::SvmFeatures,
+    enable_virt: unsafe fn() -> HostCpu,
 ) -> alloc::vec::Vec<(usize, u32)> {
     let bsp = lapic::id().unwrap_or(0);
     let mut up = alloc::vec![(0usize, bsp)];
@@ -230,7 +232,7 @@ pub fn start_aps(
         log::warn!("the page tables lie above 4 GiB ({cr3:#x}): APs cannot load them in 32-bit mode; running on the boot CPU only");
         return up;
     }
-    SHARED.call_once(|| Shared { features });
+    SHARED.call_once(|| Shared { enable_virt });
     // SAFETY: reading EFER has no side effects.
     let efer_bits = unsafe { x86::rdmsr(x86::msr::EFER) } & (x86::efer::LME | x86::efer::NXE);
     let base = (&raw const ferrovisor_ap_trampoline) as u64;
@@ -327,9 +329,9 @@ extern "C" fn ap_entry(index: u64) -> ! {
         x86::halt_forever();
     }
     let shared = SHARED.get().expect("set before any AP starts");
-    // SAFETY: once on this CPU, interrupts off; the boot CPU's detect() succeeded and
-    // every CPU of the machine is of the same model.
-    let cpu = unsafe { svm::enable(shared.features) };
+    // SAFETY: once on this CPU, interrupts off; the boot CPU found the backend usable
+    // and every CPU of the machine is of the same model.
+    let cpu = unsafe { (shared.enable_virt)() };
     log::info!("cpu{index} up (apic id {apic})");
     ANSWERED.store(true, Ordering::SeqCst);
     hypervisor::run::ap_main(index, cpu)
