@@ -195,9 +195,10 @@ fn delay_us(us: u64) {
     }
 }
 
-/// Starts every CPU of `apic_ids` other than this one, up to `max_cpus` CPUs in all.
-/// Returns the CPUs that run now, this one first: (index, APIC id). An AP that does not
-/// answer within [`AP_TIMEOUT_MS`] is reported and left out.
+/// Starts every CPU of `apic_ids` other than this one, up to `max_cpus` CPUs in all;
+/// each turns on virtualisation with `enable_virt` (call once per CPU, interrupts
+/// off). Returns the CPUs that run now, this one first: (index, APIC id). An AP that
+/// does not answer within [`AP_TIMEOUT_MS`] is reported and left out.
 pub fn start_aps(
     bi: &BootInfo,
     apic_ids: &[u32],

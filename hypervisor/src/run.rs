@@ -610,16 +610,17 @@ impl Machine {
         if self.sched[di].dying.is_some() || self.sched[di].vcpus[vi].running_on.is_some() {
             return false;
         }
-        let d = &mut self.domains[di];
-        let wake = d.core.event_deliverable(vi as u32);
-        let s = &mut d.core.xen.vcpus[vi];
-        match s.state {
+        let core = &mut self.domains[di].core;
+        match core.xen.vcpus[vi].state {
             RunState::Runnable => true,
-            RunState::Blocked | RunState::Polling { .. } if wake => {
-                s.state = RunState::Runnable;
-                true
+            RunState::Down => false,
+            RunState::Blocked | RunState::Polling { .. } => {
+                let wake = core.event_deliverable(vi as u32);
+                if wake {
+                    core.xen.vcpus[vi].state = RunState::Runnable;
+                }
+                wake
             }
-            _ => false,
         }
     }
 
