@@ -16,7 +16,7 @@
 //!   interrupt pending in the local APIC; the trampoline takes it with `sti; nop; cli`
 //!   right after the exit, as the SVM trampoline does after `stgi`. The VMX-preemption
 //!   timer (when the CPU has it) backs this up: under Bochs a secondary vCPU bringing
-//!   Linux up was once never preempted by the host timer's interrupt, and the whole
+//!   Linux up was not preempted by the host timer's interrupt (reproducibly), and the whole
 //!   machine stopped; its expiry is reported as the same preemption.
 //! - Guest CR0.NE and CR4.VMXE are fixed to 1 by VMX: both are owned by the host
 //!   (guest/host masks) and the guest sees its own values through the read shadows.
