@@ -338,29 +338,9 @@ ferrovisor_svm_run:
     push r15
     push rdi
 
-    cmp qword ptr [rdi + {use_xsave}], 0
-    je 1f
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    mov r8, [rdi + {host_fpu}]
-    xsave64 [r8]
-    /* the guest's state moves under the host's XCR0 and mask (a guest at XCR0 = 1
-       has live SSE state too); its own XCR0 goes in last */
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    mov r8, [rdi + {guest_fpu}]
-    xrstor64 [r8]
-    mov eax, dword ptr [rdi + {guest_xcr0}]
-    mov edx, dword ptr [rdi + {guest_xcr0} + 4]
-    xor ecx, ecx
-    xsetbv
-    jmp 2f
-1:
-    mov r8, [rdi + {host_fpu}]
-    fxsave64 [r8]
-    mov r8, [rdi + {guest_fpu}]
-    fxrstor64 [r8]
-2:
+"#,
+    fpu_to_guest_asm!(),
+    r#"
     clgi
     sti
     mov rax, [rdi + {host_save}]
@@ -408,8 +388,9 @@ ferrovisor_svm_run:
     nop
     cli
 
-    cmp qword ptr [rdi + {use_xsave}], 0
-    je 3f
+"#,
+    fpu_to_host_asm!(
+        r#"
     /* The guest's XCR0 as it is now: XSETBV is not intercepted everywhere (QEMU's
        SVM model lacks that intercept), so read it back instead of trusting our copy.
        Save only components the host area has room for. */
@@ -418,25 +399,9 @@ ferrovisor_svm_run:
     and eax, dword ptr [rdi + {host_xcr0}]
     mov dword ptr [rdi + {guest_xcr0}], eax
     mov dword ptr [rdi + {guest_xcr0} + 4], 0
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    xor ecx, ecx
-    xsetbv
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    mov r8, [rdi + {guest_fpu}]
-    xsave64 [r8]
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    mov r8, [rdi + {host_fpu}]
-    xrstor64 [r8]
-    jmp 4f
-3:
-    mov r8, [rdi + {guest_fpu}]
-    fxsave64 [r8]
-    mov r8, [rdi + {host_fpu}]
-    fxrstor64 [r8]
-4:
+"#
+    ),
+    r#"
     pop rdi
     pop r15
     pop r14

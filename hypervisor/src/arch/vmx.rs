@@ -605,30 +605,9 @@ ferrovisor_vmx_run:
     push r15
     push rdi
 
-    /* FPU state moves with the host's XCR0 in force and its mask, whatever the
-       guest's XCR0 (XSAVE saves only what XCR0 enables: a guest still at XCR0 = 1
-       has live SSE state too); the guest's XCR0 goes in last. */
-    cmp qword ptr [rdi + {use_xsave}], 0
-    je 1f
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    mov r8, [rdi + {host_fpu}]
-    xsave64 [r8]
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    mov r8, [rdi + {guest_fpu}]
-    xrstor64 [r8]
-    mov eax, dword ptr [rdi + {guest_xcr0}]
-    mov edx, dword ptr [rdi + {guest_xcr0} + 4]
-    xor ecx, ecx
-    xsetbv
-    jmp 2f
-1:
-    mov r8, [rdi + {host_fpu}]
-    fxsave64 [r8]
-    mov r8, [rdi + {guest_fpu}]
-    fxrstor64 [r8]
-2:
+"#,
+    fpu_to_guest_asm!(),
+    r#"
     mov eax, {host_rsp}
     vmwrite rax, rsp
     mov rax, [rdi + {cr2}]
@@ -692,27 +671,9 @@ ferrovisor_vmx_exit:
     nop
     cli
 
-    cmp qword ptr [rdi + {use_xsave}], 0
-    je 6f
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    xor ecx, ecx
-    xsetbv
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    mov r8, [rdi + {guest_fpu}]
-    xsave64 [r8]
-    mov eax, dword ptr [rdi + {host_xcr0}]
-    mov edx, dword ptr [rdi + {host_xcr0} + 4]
-    mov r8, [rdi + {host_fpu}]
-    xrstor64 [r8]
-    jmp 7f
-6:
-    mov r8, [rdi + {guest_fpu}]
-    fxsave64 [r8]
-    mov r8, [rdi + {host_fpu}]
-    fxrstor64 [r8]
-7:
+"#,
+    fpu_to_host_asm!(""),
+    r#"
     pop rdi
     pop r15
     pop r14
