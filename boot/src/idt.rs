@@ -1,16 +1,14 @@
-//! CPU exceptions in the hypervisor itself: a GDT with a TSS (each exception vector
-//! gets an IST stack, since precompiled `core` may use the red zone), an IDT whose stubs
-//! save every register, and a handler that prints a report and stops the machine
-//! cleanly.
+//! CPU exceptions in the hypervisor itself: a GDT with a TSS (each vector gets an IST
+//! stack, since precompiled `core` may use the red zone), an IDT whose stubs save every
+//! register, and a handler that prints a report and stops the machine cleanly.
 //!
 //! Host interrupts stay disabled; physical interrupts during guest execution come back
 //! as exits, so only exceptions (hypervisor bugs) arrive here, plus the APIC timer and
 //! the kick IPI while a CPU idles (their handlers only acknowledge them).
 //!
 //! Every CPU has its own GDT and TSS (a TSS is marked busy by the CPU that loads it)
-//! with its own IST stacks; all share the one IDT, whose exception gates name IST slots
-//! that each CPU's TSS fills with its own stacks. The interrupt gates use no IST (see
-//! `init`).
+//! with its own IST stacks; all share the one IDT, whose gates name IST slots that each
+//! CPU's TSS fills with its own stacks.
 
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
@@ -248,10 +246,11 @@ static mut DF_STACK: Stack = Stack([0; IST_SIZE]);
 static TSS: spin::Once<TaskStateSegment> = spin::Once::new();
 static GDT: spin::Once<(GlobalDescriptorTable, [SegmentSelector; 3])> = spin::Once::new();
 static IDT: spin::Once<[[u64; 2]; 256]> = spin::Once::new();
+static mut IRQ_STACK: Stack = Stack([0; IST_SIZE]);
 
-/// A TSS whose two IST slots (exceptions; double fault, NMI and machine check) point
-/// at the tops of `stacks`.
-fn tss_with(stacks: [u64; 2]) -> TaskStateSegment {
+/// A TSS whose three IST slots (exceptions, double fault/NMI/machine check,
+/// interrupts) point at the tops of `stacks`.
+fn tss_with(stacks: [u64; 3]) -> TaskStateSegment {
     let mut tss = TaskStateSegment::new();
     for (i, base) in stacks.into_iter().enumerate() {
         tss.interrupt_stack_table[i] = VirtAddr::new(base + IST_SIZE as u64);
@@ -270,8 +269,13 @@ fn gdt_with(tss: &'static TaskStateSegment) -> (GlobalDescriptorTable, [SegmentS
 
 /// Loads the GDT (code, data, TSS) and the IDT. Call once, on the boot CPU.
 pub fn init() {
-    let tss =
-        TSS.call_once(|| tss_with([(&raw const EXC_STACK) as u64, (&raw const DF_STACK) as u64]));
+    let tss = TSS.call_once(|| {
+        tss_with([
+            (&raw const EXC_STACK) as u64,
+            (&raw const DF_STACK) as u64,
+            (&raw const IRQ_STACK) as u64,
+        ])
+    });
     let (gdt, [code, data, tss_sel]) = GDT.call_once(|| gdt_with(tss));
     let idt = IDT.call_once(|| {
         let gate = |addr: u64, ist: u64| {
@@ -290,21 +294,13 @@ pub fn init() {
             let addr = unsafe { ferrovisor_isr_table[v] };
             *slot = gate(addr, if v == 8 || v == 2 || v == 18 { 2 } else { 1 });
         }
-        // The interrupt vectors use no IST stack (and so never read the TSS): they are
-        // only taken in the world switch, right around VMRUN, and in the idle halt,
-        // both in code without a red zone. Around VMRUN the task register is still the
-        // guest's (from VMLOAD before VMRUN until the VMLOAD of the host's state after
-        // #VMEXIT): anything delivered there through an IST slot reads the guest's TSS
-        // and triple-faults the machine. (A two-CPU run under QEMU TCG was seen to
-        // triple-fault at the VMSAVE right after VMRUN, the kick IPI pending; whatever
-        // QEMU delivered there, interrupts at least no longer depend on the TSS.)
         let timer = hypervisor::arch::lapic::TIMER_VECTOR as usize;
-        idt[timer] = gate(ferrovisor_irq_timer as *const () as u64, 0);
+        idt[timer] = gate(ferrovisor_irq_timer as *const () as u64, 3);
         // the kick IPI needs nothing but its acknowledgement, as the timer
         let kick = hypervisor::arch::lapic::KICK_VECTOR as usize;
-        idt[kick] = gate(ferrovisor_irq_timer as *const () as u64, 0);
+        idt[kick] = gate(ferrovisor_irq_timer as *const () as u64, 3);
         let spurious = hypervisor::arch::lapic::SPURIOUS_VECTOR as usize;
-        idt[spurious] = gate(ferrovisor_irq_spurious as *const () as u64, 0);
+        idt[spurious] = gate(ferrovisor_irq_spurious as *const () as u64, 3);
         idt
     });
     load(gdt, [*code, *data, *tss_sel], idt);
@@ -313,7 +309,7 @@ pub fn init() {
 /// Gives a secondary CPU its own GDT and TSS, with IST stacks from the heap, and
 /// loads the shared IDT. Call once on each secondary CPU, after [`init`] ran.
 pub fn init_ap() {
-    let stacks = [(); 2].map(|()| {
+    let stacks = [(); 3].map(|()| {
         let s: &'static mut Stack =
             alloc::boxed::Box::leak(alloc::boxed::Box::new(Stack([0; IST_SIZE])));
         s as *mut Stack as u64

@@ -183,6 +183,6 @@ pub fn disarm() {
 pub fn wait_for_interrupt() {
     // SAFETY: `sti; hlt` is race-free (the STI shadow covers HLT); the only unmasked
     // interrupt sources are the APIC timer and the kick IPI, whose handlers only
-    // acknowledge them, on the current stack (hence no `nostack`).
-    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem)) };
+    // acknowledge them.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
